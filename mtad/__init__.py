@@ -1,0 +1,1 @@
+"""mtad: the mail delivery daemon of HTML-mailing."""

@@ -1,0 +1,5 @@
+import sys
+
+from mtad.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""The composition root: builds every part from the settings and owns the daemon's life cycle.
+
+Start inside-out (after uvicorn's server.py): settings -> database (embedded cluster when no URL) -> pool ->
+schema check or migration -> stores -> TLS -> SMTP listeners last -> READY=1.
+Stop in reverse: stop accepting, finish in-flight SMTP transactions within `shutdown_grace`, STOPPING=1,
+close the pool, stop the embedded cluster if this process started it. A second SIGTERM/SIGINT exits at once.
+SIGHUP re-reads the config file: limits and tenants apply to the next command, no connection is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+
+from mtad.config import ConfigError, Settings, load_settings
+from mtad.db.embedded import EmbeddedPostgres
+from mtad.db.migrate import check_schema, migrate
+from mtad.db.pool import DATABASE_UNAVAILABLE, create_pool
+from mtad.ingest.credentials import CredentialVerifier
+from mtad.ingest.handler import SHUTTING_DOWN, SubmissionHandler
+from mtad.ingest.server import SubmissionListeners
+from mtad.ingest.tls import ensure_self_signed, server_context
+from mtad.observe import systemd
+from mtad.observe.logs import log_event
+from mtad.queue.store import QueueStore
+from mtad.tenants.store import TenantStore
+
+log = logging.getLogger("mtad.app")
+
+
+def embedded_cluster(settings: Settings) -> EmbeddedPostgres | None:
+    """The private cluster under state_dir/pg, or None when a database URL is configured."""
+    if settings.database.url:
+        return None
+    return EmbeddedPostgres(settings.state_path / "pg", port=settings.database.embedded_port)
+
+
+def database_url(settings: Settings) -> str:
+    cluster = embedded_cluster(settings)
+    return cluster.url() if cluster else settings.database.url
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: Path | None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.pool: asyncpg.Pool | None = None
+        self.listeners: SubmissionListeners | None = None
+        self._cluster_started: EmbeddedPostgres | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._stop_requested = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        cluster = embedded_cluster(settings)
+        if cluster is not None and await asyncio.to_thread(cluster.start):
+            self._cluster_started = cluster
+        url = cluster.url() if cluster else settings.database.url
+        self.pool = await create_pool(url, settings.database)
+        async with self.pool.acquire() as conn:
+            if settings.database.auto_migrate:
+                applied = await migrate(conn)
+                if applied:
+                    log_event(log, "schema.migrated", versions=[m.version for m in applied])
+            await check_schema(conn)
+        store = QueueStore(self.pool)
+        self.verifier = CredentialVerifier(TenantStore(self.pool))
+        self._tls = self._load_tls(settings)
+        self.handler = SubmissionHandler(
+            settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
+        )
+        self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
+        await self.listeners.start()
+        self._tasks.append(asyncio.create_task(self._reclaim_expired_leases(store)))
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        systemd.notify("READY=1\nSTATUS=accepting mail")
+        log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
+
+    def _load_tls(self, settings: Settings) -> ssl.SSLContext:
+        submission = settings.submission
+        if submission.tls_cert_file:
+            return server_context(Path(submission.tls_cert_file), Path(submission.tls_key_file))
+        cert, key = ensure_self_signed(settings.state_path / "tls", settings.hostname)
+        return server_context(cert, key)
+
+    async def _reclaim_expired_leases(self, store: QueueStore) -> None:
+        """Give the recipients of a node that died back to the queue once their lease has run out."""
+        while True:
+            await asyncio.sleep(self.settings.queue.reclaim_interval)
+            try:
+                reclaimed = await store.reclaim_expired(datetime.now(timezone.utc))
+            except DATABASE_UNAVAILABLE as exc:
+                log_event(log, "queue.reclaim_failed", logging.WARNING, error=type(exc).__name__)
+                continue
+            if reclaimed:
+                log_event(log, "queue.leases_reclaimed", recipients=reclaimed)
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def request_stop(self) -> None:
+        if self._stop_requested.is_set():
+            log_event(log, "daemon.forced_exit")
+            os._exit(1)
+        log_event(log, "daemon.stopping")
+        self._stop_requested.set()
+
+    def reload(self) -> None:
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log_event(log, "config.reload_failed", logging.ERROR, error=str(exc))
+            return
+        if new.submission.listen != self.settings.submission.listen or new.database != self.settings.database:
+            log_event(log, "config.restart_needed", logging.WARNING, reason="listen addresses or database changed")
+        try:
+            self._tls = self._load_tls(new)
+        except (OSError, ssl.SSLError) as exc:
+            log_event(log, "config.tls_reload_failed", logging.ERROR, error=str(exc))
+        self.settings = new
+        self.handler.apply_settings(new.submission)
+        self.verifier.forget()
+        log_event(log, "config.reloaded")
+
+    async def wait_until_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        if self.listeners is not None:
+            self.listeners.close()
+            self.handler.draining = True
+            cut = await self.listeners.drain(self.settings.shutdown_grace, SHUTTING_DOWN)
+            if cut:
+                log_event(log, "daemon.transactions_cut", logging.WARNING, sessions=cut)
+        systemd.notify("STOPPING=1")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.close()
+        if self._cluster_started is not None:
+            await asyncio.to_thread(self._cluster_started.stop)
+        log_event(log, "daemon.stopped")
+
+
+async def run_daemon(settings: Settings, config_path: Path | None) -> None:
+    daemon = Daemon(settings, config_path)
+    daemon.install_signal_handlers()
+    try:
+        await daemon.start()
+        await daemon.wait_until_stop_requested()
+    finally:
+        await daemon.stop()

@@ -1,0 +1,1 @@
+"""The `mtad` command: the daemon and the operators' tools."""

@@ -1,0 +1,1 @@
+"""Database layer: the embedded PostgreSQL cluster, migrations and the queue's SQL."""

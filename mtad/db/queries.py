@@ -1,0 +1,31 @@
+"""Named SQL: the blocks of queries.sql as a read-only mapping from name to statement.
+
+A block starts with a line `-- name --`; the comment lines that follow say why; the rest is the statement.
+After procrastinate's `sql/queries.sql`: SQL stays SQL, reviewable and EXPLAIN-able on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from types import MappingProxyType
+from typing import Mapping
+
+_BLOCK_START = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    parts = _BLOCK_START.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if name in queries:
+            raise ValueError(f"query {name} is defined twice")
+        statement = "\n".join(line for line in body.strip().splitlines() if not line.startswith("--"))
+        queries[name] = statement.strip().rstrip(";")
+    return queries
+
+
+@cache
+def queries() -> Mapping[str, str]:
+    return MappingProxyType(parse_queries((resources.files("mtad.db") / "queries.sql").read_text()))

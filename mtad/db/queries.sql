@@ -1,0 +1,156 @@
+-- Named queries, loaded by mtad.db.queries: a block starts with `-- name --`, then a one-line why, then SQL.
+-- The name is the method of the store that runs it.
+
+-- insert_submission --
+-- The message and all its recipients in one statement, hence one transaction: all stored or nothing.
+WITH message AS (
+    INSERT INTO messages (queue_id, tenant_id, mail_from, size_bytes, smtputf8, client_ip, received_at, body)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    RETURNING id, tenant_id, received_at
+)
+INSERT INTO recipients (message_id, tenant_id, address, domain, queued_at, next_attempt_at, updated_at)
+SELECT message.id, message.tenant_id, r.address, r.domain, message.received_at, message.received_at, message.received_at
+FROM message, unnest($9::text[], $10::text[]) AS r (address, domain);
+
+-- claim_due --
+-- Lease a batch of due recipients; SKIP LOCKED lets several claimers (and nodes) share the queue.
+WITH due AS (
+    SELECT id FROM recipients
+    WHERE state IN ('queued', 'deferred') AND next_attempt_at <= $1
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE recipients AS r
+SET state = 'active', lease_owner = $3, lease_expires_at = $1 + make_interval(secs => $4), updated_at = $1
+FROM due, messages AS m
+WHERE r.id = due.id AND m.id = r.message_id
+RETURNING r.id, r.message_id, m.queue_id, r.tenant_id, m.mail_from, r.address, r.domain, r.attempts,
+          r.queued_at, r.lease_expires_at;
+
+-- record_outcomes --
+-- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing.
+WITH outcome AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[])
+        AS o (recipient_id, state, next_attempt_at, code, enhanced, reply)
+), finished AS (
+    UPDATE recipients AS r
+    SET state = o.state, attempts = r.attempts + 1, lease_owner = NULL, lease_expires_at = NULL,
+        next_attempt_at = coalesce(o.next_attempt_at, r.next_attempt_at),
+        last_code = o.code, last_enhanced = o.enhanced, last_reply = o.reply, updated_at = $8
+    FROM outcome AS o
+    WHERE r.id = o.recipient_id AND r.state = 'active' AND r.lease_owner = $1
+    RETURNING r.id, r.message_id, r.tenant_id, r.state, o.code, o.enhanced, o.reply
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, code, enhanced, reply)
+SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply FROM finished
+RETURNING recipient_id;
+
+-- release --
+-- Give leases back without an attempt (shutdown, or delivery decided not to try now).
+WITH released AS (
+    UPDATE recipients
+    SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = $3
+    WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2
+    RETURNING id, message_id, tenant_id
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
+SELECT $3, 'released', tenant_id, message_id, id FROM released
+RETURNING recipient_id;
+
+-- reclaim_expired --
+-- Leases of a node that died (or stalled past its lease) go back to the queue, due now.
+WITH expired AS (
+    SELECT id FROM recipients
+    WHERE state = 'active' AND lease_expires_at < $1
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), reclaimed AS (
+    UPDATE recipients AS r
+    SET state = CASE WHEN r.attempts = 0 THEN 'queued' ELSE 'deferred' END,
+        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $1, updated_at = $1
+    FROM expired
+    WHERE r.id = expired.id
+    RETURNING r.id, r.message_id, r.tenant_id
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
+SELECT $1, 'reclaimed', tenant_id, message_id, id FROM reclaimed
+RETURNING recipient_id;
+
+-- load_message --
+-- The stored message for delivery: envelope sender and body.
+SELECT id, queue_id, tenant_id, mail_from, smtputf8, body FROM messages WHERE id = $1;
+
+-- tenant_by_name --
+-- One tenant with its password hash and sending domains, for AUTH and trusted networks.
+SELECT t.id, t.name, t.password_hash, t.disabled,
+       coalesce(array_agg(d.domain ORDER BY d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains
+FROM tenants AS t LEFT JOIN tenant_domains AS d ON d.tenant_id = t.id
+WHERE t.name = $1
+GROUP BY t.id;
+
+-- insert_tenant --
+-- A new tenant; its name is its SMTP login.
+INSERT INTO tenants (name, password_hash) VALUES ($1, $2) RETURNING id;
+
+-- set_tenant_password --
+-- Replace a tenant's password hash.
+UPDATE tenants SET password_hash = $2 WHERE name = $1 RETURNING id;
+
+-- list_tenants --
+-- Every tenant with its sending domains, for operators.
+SELECT t.id, t.name, t.disabled, t.created_at,
+       coalesce(array_agg(d.domain ORDER BY d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains
+FROM tenants AS t LEFT JOIN tenant_domains AS d ON d.tenant_id = t.id
+GROUP BY t.id ORDER BY t.name;
+
+-- add_tenant_domain --
+-- Give a sending domain to a tenant; fails (unique) if another tenant already owns it.
+INSERT INTO tenant_domains (domain, tenant_id) SELECT $2, id FROM tenants WHERE name = $1 RETURNING tenant_id;
+
+-- remove_tenant_domain --
+-- Take a sending domain away from a tenant.
+DELETE FROM tenant_domains WHERE domain = $2 AND tenant_id = (SELECT id FROM tenants WHERE name = $1)
+RETURNING domain;
+
+-- count_by_state --
+-- Queue summary: recipients by state.
+SELECT state, count(*) AS recipients FROM recipients GROUP BY state ORDER BY state;
+
+-- count_pending_by_domain --
+-- Queue summary: the destination domains with the most recipients still to deliver.
+SELECT domain, count(*) AS recipients,
+       count(*) FILTER (WHERE state = 'deferred') AS deferred,
+       count(*) FILTER (WHERE state = 'active') AS active
+FROM recipients WHERE state IN ('queued', 'deferred', 'active')
+GROUP BY domain ORDER BY count(*) DESC, domain LIMIT $1;
+
+-- count_pending_by_tenant --
+-- Queue summary: recipients still to deliver per tenant.
+SELECT t.name AS tenant, count(*) AS recipients
+FROM recipients AS r JOIN tenants AS t ON t.id = r.tenant_id
+WHERE r.state IN ('queued', 'deferred', 'active')
+GROUP BY t.name ORDER BY count(*) DESC, t.name;
+
+-- oldest_pending --
+-- Queue summary: when the oldest recipient still to deliver was queued.
+SELECT min(queued_at) FROM recipients WHERE state IN ('queued', 'deferred', 'active');
+
+-- message_by_queue_id --
+-- `mtad queue show`: the message without its body.
+SELECT m.id, m.queue_id, t.name AS tenant, m.mail_from, m.size_bytes, m.smtputf8, m.client_ip, m.received_at
+FROM messages AS m JOIN tenants AS t ON t.id = m.tenant_id
+WHERE m.queue_id = $1;
+
+-- recipients_of_message --
+-- `mtad queue show`: each recipient's state.
+SELECT id, address, state, attempts, next_attempt_at, lease_owner, lease_expires_at, last_code, last_enhanced,
+       last_reply, updated_at
+FROM recipients WHERE message_id = $1 ORDER BY id;
+
+-- events_of_message --
+-- `mtad queue show`: what happened to the message, oldest first.
+SELECT e.at, e.kind, r.address, e.code, e.enhanced, e.reply
+FROM events AS e LEFT JOIN recipients AS r ON r.id = e.recipient_id
+WHERE e.message_id = $1 ORDER BY e.at, e.id;

@@ -1,0 +1,1 @@
+"""Watching mtad: structured logs, systemd notifications (metrics and health arrive with the operations work)."""

@@ -1,0 +1,60 @@
+"""Structured logs: one event per line, as text (`key=value`) or JSON (`logging.format = "json"`).
+
+Call `log_event(logger, "submission.queued", queue_id=..., tenant=...)`. Callers pass masked client
+addresses (policy.ip_privacy) and never message bodies or passwords; no field here can carry a newline,
+so one event is always one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+_FIELDS = "mtad_fields"
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={_FIELDS: fields})
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        entry.update(getattr(record, _FIELDS, {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        parts = [ts, record.levelname.lower(), record.name, _one_line(record.getMessage())]
+        parts += [f"{key}={_one_line(str(value))}" for key, value in getattr(record, _FIELDS, {}).items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += " exception=" + _one_line(self.formatException(record.exc_info))
+        return line
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def configure_logging(format_name: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if format_name == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line at INFO, AUTH exchanges and addresses included: keep it quiet.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

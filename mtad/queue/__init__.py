@@ -1,0 +1,1 @@
+"""The durable queue: messages and recipients in PostgreSQL, claimed under leases."""

@@ -1,0 +1,135 @@
+"""The queue store: the only code that writes messages and recipient states.
+
+In:  a `Submission` from ingest; claims, outcomes and releases from delivery (each with `now` and the
+     claiming node's `owner` name).
+Out: stored rows and events; `Claim`s for delivery.
+Invariants:
+- a submission is stored whole (one statement) or not at all; only then does ingest answer 250;
+- a recipient is leased by one owner at a time (FOR UPDATE SKIP LOCKED), and only that owner can finish it:
+  outcomes and releases for a lease that was reclaimed change nothing and say so;
+- every outcome writes its event row in the same statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from mtad.db.queries import queries
+from mtad.model import Claim, Reply, RecipientState, Submission, can_transition
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt ended in, for one recipient."""
+
+    recipient_id: int
+    state: RecipientState  # delivered, deferred, bounced or expired
+    reply: Reply | None
+    next_attempt_at: datetime | None = None  # required for deferred
+
+    def __post_init__(self) -> None:
+        if not can_transition(RecipientState.ACTIVE, self.state) or self.state is RecipientState.QUEUED:
+            raise ValueError(f"an attempt cannot end in state {self.state}")
+        if (self.state is RecipientState.DEFERRED) != (self.next_attempt_at is not None):
+            raise ValueError("a deferral, and only a deferral, has a next attempt time")
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    queue_id: str
+    tenant_id: int
+    mail_from: str
+    smtputf8: bool
+    body: bytes
+
+
+class QueueStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._sql = queries()
+
+    async def insert_submission(self, submission: Submission) -> None:
+        await self._pool.execute(
+            self._sql["insert_submission"],
+            submission.queue_id,
+            submission.tenant_id,
+            submission.mail_from,
+            len(submission.body),
+            submission.smtputf8,
+            submission.client_ip,
+            submission.received_at,
+            submission.body,
+            [r.address for r in submission.recipients],
+            [r.domain for r in submission.recipients],
+        )
+
+    async def claim(self, owner: str, limit: int, lease_s: float, now: datetime) -> list[Claim]:
+        rows = await self._pool.fetch(self._sql["claim_due"], now, limit, owner, lease_s)
+        return [
+            Claim(
+                recipient_id=row["id"],
+                message_id=row["message_id"],
+                queue_id=row["queue_id"],
+                tenant_id=row["tenant_id"],
+                mail_from=row["mail_from"],
+                address=row["address"],
+                domain=row["domain"],
+                attempts=row["attempts"],
+                queued_at=row["queued_at"],
+                lease_expires_at=row["lease_expires_at"],
+            )
+            for row in rows
+        ]
+
+    async def record_outcomes(self, owner: str, outcomes: Sequence[Outcome], now: datetime) -> set[int]:
+        """Finish attempts; returns the recipient ids that were still leased by `owner` and so recorded."""
+        if not outcomes:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["record_outcomes"],
+            owner,
+            [o.recipient_id for o in outcomes],
+            [o.state.value for o in outcomes],
+            [o.next_attempt_at for o in outcomes],
+            [o.reply.code if o.reply else None for o in outcomes],
+            [o.reply.enhanced if o.reply else None for o in outcomes],
+            [o.reply.text if o.reply else None for o in outcomes],
+            now,
+        )
+        return {row["recipient_id"] for row in rows}
+
+    async def complete(self, owner: str, recipient_ids: Iterable[int], reply: Reply, now: datetime) -> set[int]:
+        return await self.record_outcomes(
+            owner, [Outcome(rid, RecipientState.DELIVERED, reply) for rid in recipient_ids], now
+        )
+
+    async def defer(
+        self, owner: str, recipient_ids: Iterable[int], reply: Reply, retry_at: datetime, now: datetime
+    ) -> set[int]:
+        return await self.record_outcomes(
+            owner, [Outcome(rid, RecipientState.DEFERRED, reply, retry_at) for rid in recipient_ids], now
+        )
+
+    async def bounce(self, owner: str, recipient_ids: Iterable[int], reply: Reply, now: datetime) -> set[int]:
+        return await self.record_outcomes(
+            owner, [Outcome(rid, RecipientState.BOUNCED, reply) for rid in recipient_ids], now
+        )
+
+    async def release(self, owner: str, recipient_ids: Iterable[int], now: datetime) -> set[int]:
+        """Give leases back without counting an attempt; returns the ids released."""
+        rows = await self._pool.fetch(self._sql["release"], list(recipient_ids), owner, now)
+        return {row["recipient_id"] for row in rows}
+
+    async def reclaim_expired(self, now: datetime, limit: int = 10_000) -> int:
+        """Return recipients whose lease ran out to the queue, due now; returns how many."""
+        rows = await self._pool.fetch(self._sql["reclaim_expired"], now, limit)
+        return len(rows)
+
+    async def load_message(self, message_id: int) -> StoredMessage | None:
+        row = await self._pool.fetchrow(self._sql["load_message"], message_id)
+        return StoredMessage(**dict(row)) if row else None

@@ -1,0 +1,60 @@
+"""LISTEN as a hint: one dedicated connection listens on `mtad_queue` and sets an asyncio.Event.
+
+After procrastinate's worker and pgqueuer's driver: the claimer waits on the event *or* its poll interval,
+so nothing depends on a NOTIFY arriving. A lost connection is re-opened with capped backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+CHANNEL = "mtad_queue"
+log = logging.getLogger("mtad.queue.wakeup")
+
+
+class QueueWakeup:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        self._connect = connect
+        self._event = asyncio.Event()
+        self.listening = False
+
+    def notify(self) -> None:
+        """Wake the waiter from inside the process (e.g. an operator retry)."""
+        self._event.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True if woken by a notification, False when the poll interval ran out."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._event.clear()
+
+    async def run(self) -> None:
+        backoff_s = 0.5
+        while True:
+            lost = asyncio.Event()
+            conn = None
+            try:
+                conn = await self._connect()
+                conn.add_termination_listener(lambda _conn: lost.set())
+                await conn.add_listener(CHANNEL, lambda *_args: self._event.set())
+                self.listening = True
+                backoff_s = 0.5
+                self._event.set()  # anything queued while we were not listening is due now
+                await lost.wait()
+                log.warning("queue listener connection lost; reconnecting")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("queue listener cannot connect: %s", type(exc).__name__)
+            finally:
+                self.listening = False
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 10.0)

@@ -1,0 +1,1 @@
+"""Tenants: the customers of the service, their SMTP credentials and their sending domains."""
