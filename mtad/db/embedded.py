@@ -296,7 +296,9 @@ class EmbeddedPostgres:
     # -- steps --------------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True)
+            os.chmod(self.root, 0o755)  # whatever the umask, so the server user may live in it
         home = self.home
         if home != self.root:
             pointer = self.root / POINTER_FILE
