@@ -1,0 +1,129 @@
+"""The daemon under test: in-process (same event loop as the test) or as a real `mtad run` subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtad.app import Daemon
+from mtad.config import parse_settings
+from mtad.tenants.passwords import hash_password
+from mtad.tenants.store import TenantStore
+
+PASSWORD = "correct horse battery staple"
+TENANTS = {"acme": "acme.example", "globex": "globex.example"}
+
+
+async def add_test_tenants(pool) -> None:
+    store = TenantStore(pool)
+    password_hash = hash_password(PASSWORD)
+    for name, domain in TENANTS.items():
+        await store.insert_tenant(name, password_hash)
+        await store.add_tenant_domain(name, domain)
+
+
+def daemon_document(db_url: str, state_dir: Path, **submission: object) -> dict:
+    return {
+        "hostname": "mtad.test",
+        "state_dir": str(state_dir),
+        "shutdown_grace": "5s",
+        "database": {"url": db_url, "pool_min_size": 1, "pool_max_size": 4},
+        "submission": {"listen": ["127.0.0.1:0"], "implicit_tls_listen": ["127.0.0.1:0"], **submission},
+        "queue": {"reclaim_interval": "1s"},
+    }
+
+
+async def start_in_process(db_url: str, state_dir: Path, **submission: object) -> Daemon:
+    daemon = Daemon(parse_settings(daemon_document(db_url, state_dir, **submission), {}), None)
+    await daemon.start()
+    return daemon
+
+
+def ports_of(daemon: Daemon) -> tuple[int, int]:
+    """(STARTTLS port, implicit TLS port) of an in-process daemon."""
+    starttls, implicit = daemon.listeners.servers
+    return starttls.sockets[0].getsockname()[1], implicit.sockets[0].getsockname()[1]
+
+
+def write_config(path: Path, document: dict) -> Path:
+    def value(v: object) -> str:
+        return json.dumps(v) if not isinstance(v, dict) else "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+
+    lines = [f"{key} = {value(v)}" for key, v in document.items() if not isinstance(v, dict)]
+    for section, table in document.items():
+        if isinstance(table, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {value(v)}" for key, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonProcess:
+    """`python -m mtad --config FILE run` with JSON logs; knows its ports from the daemon.ready event."""
+
+    config_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    ports: list[int] = field(default_factory=list)
+
+    def start(self, timeout_s: float = 30) -> None:
+        self.log_path = self.config_path.with_suffix(f".{int(time.time() * 1000)}.log")
+        env = {**os.environ, "MTAD_LOGGING_FORMAT": "json", **self.env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mtad", "--config", str(self.config_path), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("wb"),
+            env=env,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == "daemon.ready":
+                    self.ports = [int(address.rsplit(":", 1)[1]) for address in event["listening"]]
+                    return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mtad exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"mtad did not become ready: {self.log_path.read_text()[-2000:]}")
+
+    def events(self) -> list[dict]:
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                events.append({"event": "unparsed", "line": line})
+        return events
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float = 30) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+
+async def wait_for(predicate, timeout_s: float = 15, interval_s: float = 0.05):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = await predicate()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(interval_s)
