@@ -31,6 +31,8 @@ want() { missing+=("$1"); why[$1]=$2; }
 have_initdb || want postgresql "installed postgresql (server binaries for mtad's own cluster)"
 have_venv || want python3-venv "installed python3-venv"
 have swaks || want swaks "installed swaks"
+# swaks --tls needs Net::SSLeay, which Debian's swaks only recommends.
+perl -MNet::SSLeay -e1 >/dev/null 2>&1 || want libnet-ssleay-perl "installed libnet-ssleay-perl (swaks --tls)"
 have openssl || want openssl "installed openssl"
 { have smtp-sink && have smtp-source; } || want postfix "installed postfix (for smtp-sink/smtp-source; daemon left stopped)"
 have promtool || want prometheus "installed prometheus (for promtool; service left stopped)"

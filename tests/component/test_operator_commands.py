@@ -1,0 +1,123 @@
+"""The `mtad` operator commands as an operator types them, against a real database."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from support.daemon import PASSWORD, DaemonProcess, daemon_document, write_config
+from support.smtp_client import RawSMTP
+
+
+def mtad(config, *args, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtad", "--config", str(config), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def config(db_url, tmp_path):
+    return write_config(tmp_path / "mtad.toml", daemon_document(db_url, tmp_path / "state"))
+
+
+def test_tenant_lifecycle_from_the_command_line(config):
+    added = mtad(config, "tenant", "add", "initech", "--password-stdin", stdin="a long enough password\n")
+    assert added.returncode == 0, added.stderr
+    assert mtad(config, "tenant", "domain", "add", "initech", "Initech.Example").returncode == 0
+    listing = mtad(config, "tenant", "list")
+    assert "initech: initech.example" in listing.stdout
+    again = mtad(config, "tenant", "add", "initech", "--password-stdin", stdin="a long enough password\n")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    short = mtad(config, "tenant", "add", "other", "--password-stdin", stdin="short\n")
+    assert short.returncode == 1 and "12 characters" in short.stderr
+
+
+def test_a_domain_belongs_to_one_tenant_only(config):
+    for name in ("one", "two"):
+        assert mtad(config, "tenant", "add", name, "--password-stdin", stdin="a long enough password\n").returncode == 0
+    assert mtad(config, "tenant", "domain", "add", "one", "shared.example").returncode == 0
+    taken = mtad(config, "tenant", "domain", "add", "two", "shared.example")
+    assert taken.returncode == 1 and "already belongs" in taken.stderr
+
+
+def test_password_file_is_read_and_never_echoed(config, tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("a very secret password\n")
+    result = mtad(config, "tenant", "add", "filed", "--password-file", str(secret))
+    assert result.returncode == 0 and "a very secret password" not in result.stdout + result.stderr
+
+
+async def test_queue_summary_and_show_report_a_submitted_message(db_url, tenants, tmp_path, config):
+    process = DaemonProcess(config)
+    process.start()
+    try:
+        client, _ = await RawSMTP.open(process.ports[0])
+        await client.authenticated("acme", PASSWORD)
+        await client.command("MAIL FROM:<news@acme.example>")
+        await client.command("RCPT TO:<a@example.net>")
+        await client.command("RCPT TO:<b@example.org>")
+        await client.command("DATA")
+        code, text = await client.command(b"From: news@acme.example\r\n\r\nhi\r\n.")
+        assert code == 250
+        queue_id = text.rsplit(" ", 1)[1]
+        await client.close()
+    finally:
+        process.kill()
+    summary = mtad(config, "queue", "summary", "--json")
+    assert summary.returncode == 0, summary.stderr
+    data = json.loads(summary.stdout)
+    assert data["by_state"] == {"queued": 2} and data["pending"] == 2
+    assert {row["domain"] for row in data["by_domain"]} == {"example.net", "example.org"}
+    assert data["by_tenant"] == [{"tenant": "acme", "recipients": 2}]
+    assert data["oldest_pending_age_s"] >= 0
+    text_summary = mtad(config, "queue", "summary").stdout
+    assert "queued 2" in text_summary
+    shown = mtad(config, "queue", "show", queue_id)
+    assert shown.returncode == 0
+    assert "a@example.net" in shown.stdout and "queued" in shown.stdout and "127.0.0.0" in shown.stdout
+    assert mtad(config, "queue", "show", "NOSUCHID").returncode == 1
+
+
+def test_a_wrong_config_fails_at_start_with_one_line_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[submission]\nmax_recipients = "lots"\n')
+    result = mtad(bad, "run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mtad: config error: submission.max_recipients: expected an integer, got 'lots'"
+    ]
+
+
+def test_environment_overrides_name_their_variable_when_wrong(tmp_path, config):
+    import os
+
+    result = mtad(config, "queue", "summary", env={**os.environ, "MTAD_QUEUE_LEASE": "soon"})
+    assert result.returncode == 2
+    assert "queue.lease" in result.stderr and "MTAD_QUEUE_LEASE" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by make setup")
+async def test_swaks_as_printed_by_make_run_queues_a_message(db_url, tenants, config, pool):
+    process = DaemonProcess(config)
+    process.start()
+    try:
+        result = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{process.ports[0]}", "--tls", "--auth", "PLAIN",
+             "--auth-user", "acme", "--auth-password", PASSWORD, "--from", "hello@acme.example",
+             "--h-From", "hello@acme.example", "--to", "someone@example.net"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        process.kill()
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "queued as" in result.stdout
+    assert await pool.fetchval("SELECT count(*) FROM recipients WHERE address = 'someone@example.net'") == 1
