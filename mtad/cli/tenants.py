@@ -16,7 +16,7 @@ from mtad.tenants.passwords import hash_password
 from mtad.tenants.store import TenantError, TenantStore
 
 DEMO_TENANT = "demo"
-DEMO_DOMAIN = "demo.test"  # RFC 2606 reserves .test: the demo can never send as a real domain
+DEMO_DOMAIN = "demo.example"  # RFC 2606 reserves .example: the demo can never send as a real domain
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -122,9 +122,10 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
                 out.write(password + "\n")
             if credentials is None:
                 await store.insert_tenant(DEMO_TENANT, hash_password(password))
-                await store.add_tenant_domain(DEMO_TENANT, DEMO_DOMAIN)
             else:
                 await store.set_tenant_password(DEMO_TENANT, hash_password(password))
+        if credentials is None or DEMO_DOMAIN not in credentials.tenant.domains:
+            await store.add_tenant_domain(DEMO_TENANT, DEMO_DOMAIN)
         listen = settings.submission.listen[0] if settings.submission.listen else "127.0.0.1:2525"
         host, _, port = listen.rpartition(":")
         print(f"demo tenant: login {DEMO_TENANT}  password {password}  sending domain {DEMO_DOMAIN}")
