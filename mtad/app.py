@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import ssl
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
 
 from mtad.config import ConfigError, Settings, load_settings
+from mtad.db.pool import connect
 from mtad.db.embedded import EmbeddedPostgres
 from mtad.db.migrate import check_schema, migrate
 from mtad.db.pool import DATABASE_UNAVAILABLE, create_pool
@@ -29,7 +32,16 @@ from mtad.ingest.server import SubmissionListeners
 from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
 from mtad.observe.logs import log_event
+from mtad.deliver.message_cache import MessageCache
+from mtad.deliver.resolver import RouteResolver, parse_static_routes
+from mtad.policy.shaping import ShapingRules, parse_shaping
+from mtad.queue.claimer import Claimer
+from mtad.queue.outcome_writer import OutcomeWriter
 from mtad.queue.store import QueueStore
+from mtad.queue.wakeup import QueueWakeup
+from mtad.schedule.runner import DeliveryRunner
+from mtad.sign.dkim import DkimSigner
+from mtad.sign.keys import load_key_directory
 from mtad.tenants.store import TenantStore
 
 log = logging.getLogger("mtad.app")
@@ -40,6 +52,24 @@ def embedded_cluster(settings: Settings) -> EmbeddedPostgres | None:
     if settings.database.url:
         return None
     return EmbeddedPostgres(settings.state_path / "pg", port=settings.database.embedded_port)
+
+
+def load_shaping(settings: Settings) -> ShapingRules:
+    """The shaping rules file (config/shaping.toml style), or the built-in defaults when none is set."""
+    path = settings.delivery.shaping_file
+    if not path:
+        return ShapingRules()
+    try:
+        return parse_shaping(tomllib.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"delivery.shaping_file: no such file {path}") from None
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"delivery.shaping_file: {path}: {exc}") from None
+
+
+def node_name(settings: Settings) -> str:
+    """The owner name on leases: unique per process, readable in `mtad queue show`."""
+    return f"{settings.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def database_url(settings: Settings) -> str:
@@ -57,6 +87,8 @@ class Daemon:
         self._tls: ssl.SSLContext | None = None
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.runner: DeliveryRunner | None = None
+        self.shaping = load_shaping(settings)
 
     async def start(self) -> None:
         settings = self.settings
@@ -73,6 +105,9 @@ class Daemon:
             await check_schema(conn)
         store = QueueStore(self.pool)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
+        if settings.delivery.enabled:
+            self.runner = self._build_runner(store, url)
+            self.runner.start()
         self._tls = self._load_tls(settings)
         self.handler = SubmissionHandler(
             settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
@@ -85,6 +120,42 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
         systemd.notify("READY=1\nSTATUS=accepting mail")
         log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
+
+    def _build_runner(self, store: QueueStore, url: str) -> DeliveryRunner:
+        settings = self.settings
+        delivery = settings.delivery
+        wakeup = QueueWakeup(lambda: connect(url, settings.database))
+        self._tasks.append(asyncio.create_task(wakeup.run(), name="queue-listener"))
+        owner = node_name(settings)
+        clock = lambda: datetime.now(timezone.utc)  # noqa: E731
+        resolver = RouteResolver(
+            nameservers=delivery.nameservers,
+            dns_port=delivery.dns_port,
+            timeout_s=delivery.dns_timeout,
+            smtp_port=delivery.smtp_port,
+            static_routes=parse_static_routes(delivery.routes, delivery.smtp_port),
+        )
+        keys = load_key_directory(settings.dkim_key_path) if settings.dkim_key_path.is_dir() else {}
+        claimer = Claimer(
+            store,
+            wakeup,
+            owner=owner,
+            batch_size=settings.queue.claim_batch_size,
+            lease_s=settings.queue.lease,
+            poll_interval_s=settings.queue.poll_interval,
+            clock=clock,
+        )
+        return DeliveryRunner(
+            store=store,
+            claimer=claimer,
+            resolver=resolver,
+            shaping=lambda: self.shaping,
+            messages=MessageCache(store, DkimSigner(keys) if keys else None),
+            writer=OutcomeWriter(store, owner, clock),
+            settings=delivery,
+            ehlo_name=delivery.ehlo_name or settings.hostname,
+            lease_s=settings.queue.lease,
+        )
 
     def _load_tls(self, settings: Settings) -> ssl.SSLContext:
         submission = settings.submission
@@ -126,6 +197,7 @@ class Daemon:
     def reload(self) -> None:
         try:
             new = load_settings(self.config_path)
+            shaping = load_shaping(new)
         except ConfigError as exc:
             log_event(log, "config.reload_failed", logging.ERROR, error=str(exc))
             return
@@ -136,6 +208,9 @@ class Daemon:
         except (OSError, ssl.SSLError) as exc:
             log_event(log, "config.tls_reload_failed", logging.ERROR, error=str(exc))
         self.settings = new
+        self.shaping = shaping
+        if self.runner is not None and new.dkim_key_path.is_dir():
+            self.runner.messages.signer = DkimSigner(load_key_directory(new.dkim_key_path))
         self.handler.apply_settings(new.submission)
         self.verifier.forget()
         log_event(log, "config.reloaded")
@@ -150,6 +225,8 @@ class Daemon:
             cut = await self.listeners.drain(self.settings.shutdown_grace, SHUTTING_DOWN)
             if cut:
                 log_event(log, "daemon.transactions_cut", logging.WARNING, sessions=cut)
+        if self.runner is not None:
+            await self.runner.stop(self.settings.shutdown_grace)
         systemd.notify("STOPPING=1")
         for task in self._tasks:
             task.cancel()

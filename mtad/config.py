@@ -80,6 +80,31 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    enabled: bool = True
+    ehlo_name: str = ""  # empty: the hostname setting
+    smtp_port: int = 25
+    nameservers: tuple[str, ...] = ()  # empty: the system resolver configuration
+    dns_port: int = 53
+    dns_timeout: Duration = 5.0
+    shaping_file: str = ""  # empty: built-in conservative defaults only
+    routes: dict[str, str] = field(default_factory=dict)  # domain or "*" -> "host:port", no MX lookup
+    max_active_recipients: int = 10_000  # held in memory at once; the rest waits in PostgreSQL
+    minimal_backoff_time: Duration = 300.0
+    maximal_backoff_time: Duration = 4000.0
+    maximal_queue_lifetime: Duration = 5 * 86400.0
+    retry_jitter: float = 0.2
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0  # RFC 5321 4.5.3.2: greeting, MAIL, RCPT
+    data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2: after the final dot
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    key_dir: str = ""  # empty: state_dir/dkim
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -93,11 +118,17 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     submission: SubmissionSettings = field(default_factory=SubmissionSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).resolve()
+
+    @property
+    def dkim_key_path(self) -> Path:
+        return Path(self.dkim.key_dir).resolve() if self.dkim.key_dir else self.state_path / "dkim"
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -182,7 +213,11 @@ def _build(cls: type, section: Mapping[str, Any], environ: Mapping[str, str], pr
 
 
 def _from_environment(hint: Any, text: str) -> Any:
-    """Environment values are strings; lists are comma separated, trusted networks `net=tenant`."""
+    """Environment values are strings; lists are comma separated, trusted networks `net=tenant`,
+    tables `key=value,key=value`."""
+    if typing.get_origin(hint) is dict:
+        pairs = [item.split("=", 1) for item in text.split(",") if "=" in item]
+        return {key.strip(): value.strip() for key, value in pairs}
     if typing.get_origin(hint) is tuple:
         items = [item.strip() for item in text.split(",") if item.strip()]
         if typing.get_args(hint)[0] is TrustedNetwork:
@@ -200,6 +235,10 @@ def _convert(hint: Any, raw: Any) -> Any:
         if raw not in choices:
             raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {raw!r}")
         return raw
+    if typing.get_origin(hint) is dict:
+        if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError(f"expected a table of strings, got {raw!r}")
+        return dict(raw)
     if typing.get_origin(hint) is tuple:
         if not isinstance(raw, (list, tuple)):
             raise ValueError(f"expected a list, got {raw!r}")
@@ -234,5 +273,10 @@ def _convert_scalar(hint: Any, raw: Any) -> Any:
             raise ValueError(f"expected a string, got {raw!r}")
         return raw
     if hint is float:
-        return float(raw)
+        if isinstance(raw, bool):
+            raise ValueError(f"expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {raw!r}") from None
     raise TypeError(f"unsupported setting type {hint}")

@@ -93,3 +93,29 @@ class Reply:
     code: int
     enhanced: str | None
     text: str
+
+
+@dataclass(frozen=True)
+class MxHost:
+    name: str  # the MX host name: TLS certificates are checked against it, never against the IP
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a destination's mail goes: its MX hosts in preference order and the SMTP port."""
+
+    hosts: tuple[MxHost, ...]
+    port: int
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        return tuple(host.name for host in self.hosts)
+
+
+@dataclass(frozen=True)
+class RouteFailure:
+    """No route: permanent (NXDOMAIN, null MX: bounce now) or temporary (SERVFAIL, timeout: defer)."""
+
+    permanent: bool
+    reply: Reply

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mtad.cli import database, queue, tenants
+from mtad.cli import database, dkim, queue, tenants
 from mtad.config import ConfigError, find_config_path, load_settings
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_commands(commands)
     tenants.add_commands(commands)
     queue.add_commands(commands)
+    dkim.add_commands(commands)
     return parser
 
 

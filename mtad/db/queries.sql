@@ -31,8 +31,9 @@ RETURNING r.id, r.message_id, m.queue_id, r.tenant_id, m.mail_from, r.address, r
 -- record_outcomes --
 -- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing.
 WITH outcome AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[])
-        AS o (recipient_id, state, next_attempt_at, code, enhanced, reply)
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
+                         $9::text[], $10::text[], $11::text[], $12::integer[])
+        AS o (recipient_id, state, next_attempt_at, code, enhanced, reply, site, mx_host, tls_version, duration_ms)
 ), finished AS (
     UPDATE recipients AS r
     SET state = o.state, attempts = r.attempts + 1, lease_owner = NULL, lease_expires_at = NULL,
@@ -40,18 +41,22 @@ WITH outcome AS (
         last_code = o.code, last_enhanced = o.enhanced, last_reply = o.reply, updated_at = $8
     FROM outcome AS o
     WHERE r.id = o.recipient_id AND r.state = 'active' AND r.lease_owner = $1
-    RETURNING r.id, r.message_id, r.tenant_id, r.state, o.code, o.enhanced, o.reply
+    RETURNING r.id, r.message_id, r.tenant_id, r.state, o.code, o.enhanced, o.reply, o.site, o.mx_host,
+              o.tls_version, o.duration_ms
 )
-INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, code, enhanced, reply)
-SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply FROM finished
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, code, enhanced, reply, site, mx_host,
+                    tls_version, duration_ms)
+SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply, site, mx_host, tls_version, duration_ms
+FROM finished
 RETURNING recipient_id;
 
 -- release --
--- Give leases back without an attempt (shutdown, or delivery decided not to try now).
+-- Give leases back without an attempt (shutdown, held too long in memory), due again at $4 if given.
 WITH released AS (
     UPDATE recipients
     SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
-        lease_owner = NULL, lease_expires_at = NULL, updated_at = $3
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = $3,
+        next_attempt_at = coalesce($4::timestamptz, next_attempt_at)
     WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2
     RETURNING id, message_id, tenant_id
 )

@@ -30,6 +30,10 @@ class Outcome:
     state: RecipientState  # delivered, deferred, bounced or expired
     reply: Reply | None
     next_attempt_at: datetime | None = None  # required for deferred
+    site: str | None = None
+    mx_host: str | None = None
+    tls_version: str | None = None
+    duration_ms: int | None = None
 
     def __post_init__(self) -> None:
         if not can_transition(RecipientState.ACTIVE, self.state) or self.state is RecipientState.QUEUED:
@@ -100,6 +104,10 @@ class QueueStore:
             [o.reply.enhanced if o.reply else None for o in outcomes],
             [o.reply.text if o.reply else None for o in outcomes],
             now,
+            [o.site for o in outcomes],
+            [o.mx_host for o in outcomes],
+            [o.tls_version for o in outcomes],
+            [o.duration_ms for o in outcomes],
         )
         return {row["recipient_id"] for row in rows}
 
@@ -120,9 +128,11 @@ class QueueStore:
             owner, [Outcome(rid, RecipientState.BOUNCED, reply) for rid in recipient_ids], now
         )
 
-    async def release(self, owner: str, recipient_ids: Iterable[int], now: datetime) -> set[int]:
-        """Give leases back without counting an attempt; returns the ids released."""
-        rows = await self._pool.fetch(self._sql["release"], list(recipient_ids), owner, now)
+    async def release(
+        self, owner: str, recipient_ids: Iterable[int], now: datetime, not_before: datetime | None = None
+    ) -> set[int]:
+        """Give leases back without counting an attempt (due again at `not_before` if given); returns the ids."""
+        rows = await self._pool.fetch(self._sql["release"], list(recipient_ids), owner, now, not_before)
         return {row["recipient_id"] for row in rows}
 
     async def reclaim_expired(self, now: datetime, limit: int = 10_000) -> int:

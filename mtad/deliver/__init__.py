@@ -1,0 +1,1 @@
+"""Delivery: routes from DNS, pooled SMTP connections, one transaction per dispatch."""

@@ -1,0 +1,138 @@
+"""Outbound SMTP connections (aiosmtplib): open, EHLO, STARTTLS, one transaction, reuse.
+
+A connection is opened to the first MX address that answers, in preference order. STARTTLS is used whenever
+offered (opportunistic), required when the shape says `tls = "required"`, and the certificate is checked
+against the MX host *name* (never the IP) when `tls_verify` is on. Failures become values:
+`SessionFailure` for anything that says nothing about the recipients (connect, greeting, TLS, a dropped
+connection), so the caller can give the window negative feedback and retry the recipients elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from mtad.model import MxHost, Reply, Route
+from mtad.policy.shaping import ShapeLimits
+
+CONNECTION_ERRORS = (
+    aiosmtplib.SMTPException,
+    OSError,
+    asyncio.TimeoutError,
+    ssl.SSLError,
+    UnicodeError,
+)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 section 4.5.3.2 minimums as defaults: 5 min for the greeting and commands, 10 min after DATA."""
+
+    connect_s: float = 30.0
+    command_s: float = 300.0
+    data_s: float = 600.0
+
+
+class SessionFailure(Exception):
+    def __init__(self, reply: Reply, throttled: bool = False) -> None:
+        super().__init__(f"{reply.code} {reply.enhanced or ''} {reply.text}".strip())
+        self.reply = reply
+        self.throttled = throttled
+
+
+@dataclass
+class OutboundConnection:
+    client: aiosmtplib.SMTP
+    mx: MxHost
+    address: str
+    tls_version: str | None
+    opened_at: float
+    last_used: float
+    deliveries: int = 0
+    key: tuple = field(default_factory=tuple)
+    idle_timeout_s: float = 30.0
+
+    @property
+    def is_usable(self) -> bool:
+        return self.client.is_connected
+
+    async def close(self) -> None:
+        try:
+            if self.client.is_connected:
+                await asyncio.wait_for(self.client.quit(), 5)
+        except CONNECTION_ERRORS:
+            self.client.close()
+
+
+def reply_of(code: int, message: str) -> Reply:
+    """aiosmtplib gives the code and the rest of the text; split off an RFC 3463 enhanced code."""
+    text = " ".join(message.split())
+    first, _, rest = text.partition(" ")
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(code)[0]:
+        return Reply(code, first, rest)
+    return Reply(code, None, text)
+
+
+async def open_connection(
+    route: Route, limits: ShapeLimits, *, ehlo_name: str, timeouts: Timeouts, verify_context: ssl.SSLContext
+) -> OutboundConnection:
+    """Try each MX address in order; raise SessionFailure with the last error when none works."""
+    last: SessionFailure | None = None
+    for mx in route.hosts:
+        for address in mx.addresses:
+            try:
+                return await _open_one(mx, address, route.port, limits, ehlo_name, timeouts, verify_context)
+            except SessionFailure as failure:
+                last = failure
+                if failure.throttled:
+                    raise  # a 421 greeting: the site asks us to slow down, trying its other hosts won't help
+    raise last or SessionFailure(Reply(451, "4.4.1", "no MX address to connect to"))
+
+
+async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_context) -> OutboundConnection:
+    client = aiosmtplib.SMTP(
+        hostname=address,
+        port=port,
+        local_hostname=ehlo_name,
+        timeout=timeouts.command_s,
+        start_tls=False,
+        use_tls=False,
+    )
+    try:
+        await asyncio.wait_for(client.connect(timeout=timeouts.connect_s), timeouts.connect_s + timeouts.command_s)
+        tls_version = None
+        if limits.tls != "disabled" and client.supports_extension("starttls"):
+            context = verify_context if limits.tls_verify else _opportunistic_context()
+            await client.starttls(server_hostname=mx.name, tls_context=context)
+            ssl_object = client.get_transport_info("ssl_object")
+            tls_version = ssl_object.version() if ssl_object else "TLS"
+        elif limits.tls == "required":
+            raise SessionFailure(Reply(451, "4.7.5", f"{mx.name} does not offer STARTTLS and TLS is required"))
+    except SessionFailure:
+        client.close()
+        raise
+    except aiosmtplib.SMTPConnectResponseError as exc:
+        client.close()
+        reply = reply_of(exc.code, exc.message)
+        raise SessionFailure(reply, throttled=exc.code == 421) from None
+    except aiosmtplib.SMTPResponseException as exc:
+        client.close()
+        raise SessionFailure(reply_of(exc.code, exc.message), throttled=exc.code == 421) from None
+    except CONNECTION_ERRORS as exc:
+        client.close()
+        raise SessionFailure(Reply(451, "4.4.1", f"{mx.name} [{address}]: {type(exc).__name__}: {exc}"[:300])) from None
+    now = time.monotonic()
+    return OutboundConnection(client, mx, address, tls_version, now, now)
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    # Opportunistic TLS (RFC 7435): encrypt with whatever certificate the MX shows; better than plain text.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

@@ -1,0 +1,99 @@
+"""Pooled outbound connections, keyed by (site, MX hosts, TLS mode).
+
+A connection carries up to `max_deliveries_per_connection` messages and is closed after `idle_timeout`
+unused. New connections to a site are paced by its `max_connection_rate`. Idle connections beyond what the
+site's window allows are closed, so a site whose window shrank is not kept busy by our idle sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import defaultdict
+
+from mtad.deliver.connection import OutboundConnection, Timeouts, open_connection
+from mtad.model import Route
+from mtad.policy.rate import TokenBucket
+from mtad.policy.shaping import SiteShape
+
+
+class ConnectionPool:
+    def __init__(self, *, ehlo_name: str, timeouts: Timeouts) -> None:
+        self._ehlo_name = ehlo_name
+        self._timeouts = timeouts
+        self._verify_context = ssl.create_default_context()
+        self._idle: dict[tuple, list[OutboundConnection]] = defaultdict(list)
+        self._open_per_site: dict[str, int] = defaultdict(int)
+        self._connection_rate: dict[str, TokenBucket] = {}
+        self.opened_total = 0
+
+    async def acquire(self, shape: SiteShape, route: Route) -> OutboundConnection:
+        key = (shape.site, route.host_names, route.port, shape.limits.tls)
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.is_usable and now - conn.last_used < shape.limits.idle_timeout_s:
+                return conn
+            await self._close(shape.site, conn)
+        await self._wait_for_connection_token(shape)
+        conn = await open_connection(
+            route, shape.limits, ehlo_name=self._ehlo_name, timeouts=self._timeouts, verify_context=self._verify_context
+        )
+        conn.key = key
+        self._open_per_site[shape.site] += 1
+        self.opened_total += 1
+        return conn
+
+    async def _wait_for_connection_token(self, shape: SiteShape) -> None:
+        rate = shape.limits.max_connection_rate
+        if not rate:
+            return
+        bucket = self._connection_rate.setdefault(shape.site, TokenBucket(rate, burst=max(1.0, rate * 0.1)))
+        while not bucket.try_take(time.monotonic()):
+            await asyncio.sleep(bucket.seconds_until_token(time.monotonic()))
+
+    async def release(self, shape: SiteShape, conn: OutboundConnection, *, reusable: bool, max_open: int) -> None:
+        conn.deliveries += 1
+        conn.last_used = time.monotonic()
+        conn.idle_timeout_s = shape.limits.idle_timeout_s
+        if (
+            not reusable
+            or not conn.is_usable
+            or conn.deliveries >= shape.limits.max_deliveries_per_connection
+            or self._open_per_site[shape.site] > max_open
+        ):
+            await self._close(shape.site, conn)
+            return
+        self._idle[conn.key].append(conn)
+
+    async def discard(self, site: str, conn: OutboundConnection) -> None:
+        await self._close(site, conn)
+
+    async def _close(self, site: str, conn: OutboundConnection) -> None:
+        self._open_per_site[site] -= 1
+        await conn.close()
+
+    async def close_idle(self, now: float) -> None:
+        """Close connections unused for longer than their site's idle timeout."""
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for conn in conns:
+                if now - conn.last_used >= conn.idle_timeout_s:
+                    await self._close(key[0], conn)
+                else:
+                    keep.append(conn)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    async def close_all(self) -> None:
+        for key, conns in list(self._idle.items()):
+            for conn in conns:
+                await self._close(key[0], conn)
+        self._idle.clear()
+
+    def open_connections(self) -> dict[str, int]:
+        return {site: count for site, count in self._open_per_site.items() if count}

@@ -1,0 +1,107 @@
+"""One SMTP transaction on an open connection: MAIL, RCPT per recipient, DATA; a reply for every recipient.
+
+In:  a connection, the envelope (sender, recipients with their ids), the message bytes.
+Out: `TransactionResult`: each recipient's reply (what the remote server said, or a 4.4.2 "connection
+     lost" when it said nothing), whether the connection can carry another message, and the throttling
+     reply if the server asked us to slow down.
+Only replies are returned here; classifying them into outcomes is the caller's (pure) business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from mtad.deliver.connection import CONNECTION_ERRORS, OutboundConnection, Timeouts, reply_of
+from mtad.model import Reply
+from mtad.policy.throttling import is_throttling_reply
+
+
+@dataclass
+class TransactionResult:
+    replies: dict[int, Reply] = field(default_factory=dict)
+    reusable: bool = True
+    throttled: Reply | None = None
+    connection_lost: bool = False
+
+
+async def run_transaction(
+    conn: OutboundConnection,
+    mail_from: str,
+    recipients: list[tuple[int, str]],
+    message: bytes,
+    *,
+    smtputf8: bool,
+    timeouts: Timeouts,
+    throttle_patterns: tuple[str, ...],
+) -> TransactionResult:
+    result = TransactionResult()
+    client = conn.client
+    pending = dict(recipients)
+    try:
+        if conn.deliveries:
+            await client.rset()  # a cheap probe that the reused connection is still alive and in a clean state
+        options = []
+        if smtputf8:
+            if not client.supports_extension("smtputf8"):
+                return _all(result, pending, Reply(550, "5.6.7", "the receiving server does not support SMTPUTF8"))
+            options.append("SMTPUTF8")
+        if client.supports_extension("8bitmime") and not message.isascii():
+            options.append("BODY=8BITMIME")
+        try:
+            await client.mail(mail_from, options=options, encoding="utf-8" if smtputf8 else "ascii")
+        except aiosmtplib.SMTPResponseException as exc:
+            return _refused(result, pending, reply_of(exc.code, exc.message), throttle_patterns)
+        accepted = []
+        for recipient_id, address in recipients:
+            try:
+                await client.rcpt(address, encoding="utf-8" if smtputf8 else "ascii")
+                accepted.append(recipient_id)
+            except aiosmtplib.SMTPResponseException as exc:
+                reply = reply_of(exc.code, exc.message)
+                result.replies[recipient_id] = reply
+                pending.pop(recipient_id)
+                _note_throttle(result, reply, throttle_patterns)
+                if exc.code == 421:
+                    return _lost(result, pending, reply)
+        if not accepted:
+            await client.rset()
+            return result
+        try:
+            response = await client.data(message, timeout=timeouts.data_s)
+            reply = reply_of(response.code, response.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            reply = reply_of(exc.code, exc.message)
+            _note_throttle(result, reply, throttle_patterns)
+            result.reusable = exc.code != 421
+        for recipient_id in accepted:
+            result.replies[recipient_id] = reply
+            pending.pop(recipient_id, None)
+    except CONNECTION_ERRORS as exc:
+        return _lost(result, pending, Reply(451, "4.4.2", f"connection lost: {type(exc).__name__}"))
+    return result
+
+
+def _all(result: TransactionResult, pending: dict[int, str], reply: Reply) -> TransactionResult:
+    for recipient_id in pending:
+        result.replies[recipient_id] = reply
+    return result
+
+
+def _refused(result, pending, reply: Reply, patterns) -> TransactionResult:
+    _note_throttle(result, reply, patterns)
+    result.reusable = reply.code != 421
+    return _all(result, pending, reply)
+
+
+def _lost(result: TransactionResult, pending: dict[int, str], reply: Reply) -> TransactionResult:
+    result.reusable = False
+    result.connection_lost = reply.code != 421
+    return _all(result, pending, reply)
+
+
+def _note_throttle(result: TransactionResult, reply: Reply, patterns: tuple[str, ...]) -> None:
+    if is_throttling_reply(reply.code, reply.enhanced, reply.text, patterns):
+        result.throttled = reply

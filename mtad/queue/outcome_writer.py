@@ -1,0 +1,65 @@
+"""Outcome writes batched across concurrent deliveries: one statement (one commit) per flush.
+
+Each delivery awaits its own outcomes being committed, so "recorded before anything else happens to that
+recipient" holds; concurrent deliveries share a commit (and its fsync). If PostgreSQL is unavailable the
+batch is retried until it is written: the remote side already has the message, forgetting it would mean
+sending it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from mtad.db.pool import DATABASE_UNAVAILABLE
+from mtad.observe.logs import log_event
+from mtad.queue.store import Outcome, QueueStore
+
+log = logging.getLogger("mtad.queue.outcomes")
+MAX_BATCH = 1000
+
+
+class OutcomeWriter:
+    def __init__(self, store: QueueStore, owner: str, clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._owner = owner
+        self._clock = clock
+        self._waiting: list[tuple[Sequence[Outcome], asyncio.Future[set[int]]]] = []
+        self._kick = asyncio.Event()
+
+    async def record(self, outcomes: Sequence[Outcome]) -> set[int]:
+        """Returns the recipient ids recorded (those still leased by this node)."""
+        if not outcomes:
+            return set()
+        future: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((outcomes, future))
+        self._kick.set()
+        return await future
+
+    async def run(self) -> None:
+        retry_s = 0.1
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            while self._waiting:
+                batch, size = [], 0
+                while self._waiting and size < MAX_BATCH:
+                    outcomes, future = self._waiting.pop(0)
+                    batch.append((outcomes, future))
+                    size += len(outcomes)
+                try:
+                    recorded = await self._store.record_outcomes(
+                        self._owner, [o for outcomes, _ in batch for o in outcomes], self._clock()
+                    )
+                except DATABASE_UNAVAILABLE as exc:
+                    log_event(log, "outcomes.write_failed", logging.WARNING, error=type(exc).__name__, retry_s=retry_s)
+                    self._waiting[:0] = batch
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, 5.0)
+                    continue
+                retry_s = 0.1
+                for outcomes, future in batch:
+                    if not future.done():
+                        future.set_result({o.recipient_id for o in outcomes} & recorded)

@@ -1,0 +1,214 @@
+"""The scheduler as a pure engine (OpenSMTPD's scheduler backend, h11's next_event): no await, `now` passed in.
+
+In:  `add(shape, route, claims, now)` leased recipients, grouped by destination site;
+     `finish(dispatch, feedback, now)` after each delivery attempt.
+Out: `next_dispatches(now)`: transactions that may start now: one message to one site, its recipients at
+     that site grouped up to `max_recipients_per_transaction`; `next_wakeup(now)`: when to ask again.
+Invariants:
+- never more dispatches in flight to a site than its window allows, never faster than its message rate;
+- sites take turns (round robin), so one huge domain cannot starve the others;
+- everything held is bounded by what the runner claims (`held` recipients), so memory stays flat however
+  large the queue in PostgreSQL grows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from mtad.model import Claim, Route
+from mtad.policy.rate import TokenBucket
+from mtad.policy.shaping import SiteShape
+from mtad.policy.window import DestinationWindow, SiteHealth
+
+
+class Feedback(Enum):
+    DELIVERED = "delivered"  # a session worked: positive feedback
+    RECIPIENT_ONLY = "recipient_only"  # the session worked but said nothing about capacity
+    SESSION_FAILED = "session_failed"  # connect / greeting / TLS failure: negative feedback
+    THROTTLED = "throttled"  # 421 or a rate-limit reply: backoff
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    id: int
+    site: str
+    shape: SiteShape
+    route: Route
+    message_id: int
+    claims: tuple[Claim, ...]
+
+
+@dataclass(frozen=True)
+class HandedBack:
+    """A recipient the scheduler gives back: `not_before` (monotonic) and `error` are set for a dead site."""
+
+    claim: Claim
+    not_before: float | None
+    error: str | None
+
+
+@dataclass
+class _Waiting:
+    claim: Claim
+    route: Route
+    since: float
+
+
+@dataclass
+class _Site:
+    shape: SiteShape
+    window: DestinationWindow
+    message_rate: TokenBucket | None
+    pending: deque[_Waiting] = field(default_factory=deque)
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class SiteState:
+    site: str
+    provider: str | None
+    health: str
+    concurrency: int
+    in_flight: int
+    pending: int
+    rate_scale: float
+    dead_until: float | None
+    last_error: str | None
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self._sites: dict[str, _Site] = {}
+        self._rotation: deque[str] = deque()
+        self._ids = itertools.count(1)
+        self.held = 0  # recipients pending or in flight
+
+    def add(self, shape: SiteShape, route: Route, claims: list[Claim], now: float) -> None:
+        site = self._site(shape)
+        site.pending.extend(_Waiting(claim, route, now) for claim in claims)
+        self.held += len(claims)
+
+    def _site(self, shape: SiteShape) -> _Site:
+        site = self._sites.get(shape.site)
+        if site is None:
+            rate = shape.limits.max_message_rate
+            # A tenth of a second's worth of burst: smooth pacing without a wake-up per message at high rates.
+            bucket = TokenBucket(rate, burst=max(1.0, rate * 0.1)) if rate else None
+            site = _Site(shape=shape, window=DestinationWindow(shape.limits), message_rate=bucket)
+            self._sites[shape.site] = site
+            self._rotation.append(shape.site)
+        elif site.shape != shape:  # the shaping file was reloaded
+            site.shape = shape
+            site.window.limits = shape.limits
+        return site
+
+    def next_dispatches(self, now: float) -> list[Dispatch]:
+        dispatches: list[Dispatch] = []
+        progress = True
+        while progress:
+            progress = False
+            for _ in range(len(self._rotation)):
+                name = self._rotation[0]
+                self._rotation.rotate(-1)
+                site = self._sites[name]
+                if not site.pending or site.in_flight >= site.window.concurrency(now):
+                    continue
+                if site.message_rate and not site.message_rate.try_take(now, site.window.rate_scale):
+                    continue
+                dispatches.append(self._take_dispatch(name, site))
+                progress = True
+        return dispatches
+
+    def _take_dispatch(self, name: str, site: _Site) -> Dispatch:
+        first = site.pending.popleft()
+        claims = [first.claim]
+        limit = site.shape.limits.max_recipients_per_transaction
+        while (
+            site.pending
+            and len(claims) < limit
+            and site.pending[0].claim.message_id == first.claim.message_id
+            and site.pending[0].route == first.route
+        ):
+            claims.append(site.pending.popleft().claim)
+        site.in_flight += 1
+        return Dispatch(next(self._ids), name, site.shape, first.route, first.claim.message_id, tuple(claims))
+
+    def finish(self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None) -> None:
+        """The attempt is over and its outcomes recorded; its recipients are no longer held."""
+        site = self._sites[dispatch.site]
+        site.in_flight -= 1
+        self.held -= len(dispatch.claims)
+        if feedback is Feedback.DELIVERED:
+            site.window.on_success(now)
+        elif feedback is Feedback.SESSION_FAILED:
+            site.window.on_session_failure(now, error or "session failed")
+        elif feedback is Feedback.THROTTLED:
+            site.window.on_throttled(now, error or "throttled")
+
+    def put_back(self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None) -> None:
+        """The attempt never reached the recipients (no session): they wait again, first in line."""
+        site = self._sites[dispatch.site]
+        site.pending.extendleft(_Waiting(c, dispatch.route, now) for c in reversed(dispatch.claims))
+        site.in_flight -= 1  # still held: `held` does not change
+        if feedback is Feedback.SESSION_FAILED:
+            site.window.on_session_failure(now, error or "session failed")
+        elif feedback is Feedback.THROTTLED:
+            site.window.on_throttled(now, error or "throttled")
+
+    def take_unservable(self, now: float, max_hold_s: float) -> list[HandedBack]:
+        """Recipients to hand back to the queue: those of dead sites (due again when the site may be probed)
+        and those held longer than `max_hold_s` (before their lease runs out and another node takes them)."""
+        handed_back: list[HandedBack] = []
+        for site in self._sites.values():
+            if site.pending and site.window.concurrency(now) == 0:
+                window = site.window
+                handed_back += [HandedBack(w.claim, window.dead_until, window.last_error) for w in site.pending]
+                site.pending.clear()
+                continue
+            while site.pending and now - site.pending[0].since > max_hold_s:
+                handed_back.append(HandedBack(site.pending.popleft().claim, None, None))
+        self.held -= len(handed_back)
+        return handed_back
+
+    def concurrency_of(self, site: str, now: float) -> int:
+        known = self._sites.get(site)
+        return known.window.concurrency(now) if known else 0
+
+    def next_wakeup(self, now: float) -> float | None:
+        times = []
+        for site in self._sites.values():
+            changes_at = site.window.wakeup_at()
+            if changes_at is not None:
+                times.append(changes_at)
+            if site.pending and site.message_rate and site.in_flight < site.window.concurrency(now):
+                times.append(now + site.message_rate.seconds_until_token(now, site.window.rate_scale))
+        return min(times) if times else None
+
+    def forget_quiet_sites(self, now: float) -> None:
+        """Drop healthy sites with nothing held, so memory follows the active destinations only."""
+        for name in [
+            name
+            for name, site in self._sites.items()
+            if not site.pending and not site.in_flight and site.window.health is SiteHealth.HEALTHY
+        ]:
+            del self._sites[name]
+            self._rotation.remove(name)
+
+    def site_states(self, now: float) -> list[SiteState]:
+        return [
+            SiteState(
+                site=name,
+                provider=site.shape.provider,
+                health=site.window.health.value,
+                concurrency=site.window.concurrency(now),
+                in_flight=site.in_flight,
+                pending=len(site.pending),
+                rate_scale=site.window.rate_scale,
+                dead_until=site.window.dead_until if site.window.health is SiteHealth.DEAD else None,
+                last_error=site.window.last_error,
+            )
+            for name, site in self._sites.items()
+        ]

@@ -1,0 +1,259 @@
+"""The delivery runner: the thin async driver around the pure scheduler.
+
+claim loop:    lease due recipients while the scheduler holds fewer than `max_active_recipients`, route
+               them (static route or MX), and hand them to the scheduler; no route -> bounce or defer.
+dispatch loop: ask the scheduler what may start now and start it; sleep until it says, or until woken.
+a delivery:    message (signed once) -> pooled connection -> one transaction -> outcomes recorded in
+               PostgreSQL -> feedback to the site's window. Outcomes are committed before the recipients
+               leave the scheduler, so a crash repeats at most the attempts in flight.
+Stopping: no new claims or dispatches, in-flight deliveries finish within the grace period, everything
+still held is released to the queue (no attempt counted), so a clean stop causes no duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from mtad.config import DeliverySettings
+from mtad.db.pool import DATABASE_UNAVAILABLE
+from mtad.deliver.connection import SessionFailure, Timeouts
+from mtad.deliver.message_cache import MessageCache
+from mtad.deliver.pool import ConnectionPool
+from mtad.deliver.resolver import RouteResolver
+from mtad.deliver.transaction import run_transaction
+from mtad.model import Claim, RecipientState, Reply, RouteFailure
+from mtad.observe.logs import log_event
+from mtad.policy.outcome import next_state
+from mtad.policy.shaping import ShapingRules
+from mtad.queue.claimer import Claimer
+from mtad.queue.outcome_writer import OutcomeWriter
+from mtad.queue.store import Outcome, QueueStore
+from mtad.schedule.engine import Dispatch, Feedback, Scheduler
+
+log = logging.getLogger("mtad.deliver")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DeliveryRunner:
+    def __init__(
+        self,
+        *,
+        store: QueueStore,
+        claimer: Claimer,
+        resolver: RouteResolver,
+        shaping: Callable[[], ShapingRules],
+        messages: MessageCache,
+        writer: OutcomeWriter,
+        settings: DeliverySettings,
+        ehlo_name: str,
+        lease_s: float,
+    ) -> None:
+        self.store = store
+        self.claimer = claimer
+        self.resolver = resolver
+        self.shaping = shaping
+        self.messages = messages
+        self.writer = writer
+        self.settings = settings
+        self.lease_s = lease_s
+        self.timeouts = Timeouts(settings.connect_timeout, settings.command_timeout, settings.data_timeout)
+        self.pool = ConnectionPool(ehlo_name=ehlo_name, timeouts=self.timeouts)
+        self.scheduler = Scheduler()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._deliveries: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self.writer.run(), name="outcome-writer"),
+            asyncio.create_task(self._claim_loop(), name="claim-loop"),
+            asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
+            asyncio.create_task(self._housekeeping(), name="delivery-housekeeping"),
+        ]
+
+    async def stop(self, grace_s: float) -> None:
+        writer_task, *others = self._loops
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if self._deliveries:
+            done, still = await asyncio.wait(set(self._deliveries), timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        held = self.scheduler.take_unservable(time.monotonic(), max_hold_s=-1)
+        if held:
+            try:
+                await self.store.release(self.claimer.owner, [h.claim.recipient_id for h in held], _utcnow())
+            except DATABASE_UNAVAILABLE:
+                pass  # their leases expire and another start reclaims them
+        writer_task.cancel()
+        await asyncio.gather(writer_task, return_exceptions=True)
+        await self.pool.close_all()
+
+    # -- claiming -----------------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        while True:
+            room = self.settings.max_active_recipients - self.scheduler.held
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                claims = await self.claimer.next_batch(room)
+            except DATABASE_UNAVAILABLE as exc:
+                log_event(log, "queue.claim_failed", logging.WARNING, error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            await self._route(claims)
+            self._wake.set()
+
+    async def _route(self, claims: list[Claim]) -> None:
+        by_domain: dict[str, list[Claim]] = defaultdict(list)
+        for claim in claims:
+            by_domain[claim.domain].append(claim)
+        domains = list(by_domain)
+        routes = await asyncio.gather(*(self.resolver.route(d) for d in domains))
+        rules = self.shaping()
+        failed: list[Outcome] = []
+        for domain, route in zip(domains, routes):
+            if isinstance(route, RouteFailure):
+                failed += [self._outcome(c, route.reply) for c in by_domain[domain]]
+                continue
+            shape = rules.shape_for(domain, route.host_names)
+            self.scheduler.add(shape, route, by_domain[domain], time.monotonic())
+        if failed:
+            await self.writer.record(failed)
+
+    # -- dispatching --------------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            await self._hand_back(now)
+            for dispatch in self.scheduler.next_dispatches(now):
+                self._spawn(self._deliver(dispatch))
+            wakeup = self.scheduler.next_wakeup(now)
+            timeout = 1.0 if wakeup is None else min(1.0, max(0.0, wakeup - now))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _hand_back(self, now: float) -> None:
+        """Dead sites' recipients become deferrals (an attempt that failed); stale ones are released."""
+        handed = self.scheduler.take_unservable(now, max_hold_s=self.lease_s / 2)
+        if not handed:
+            return
+        stale = [h.claim.recipient_id for h in handed if h.not_before is None]
+        outcomes = []
+        for h in handed:
+            if h.not_before is None:
+                continue
+            reply = Reply(451, "4.4.1", (h.error or "destination unreachable")[:300])
+            outcome = self._outcome(h.claim, reply)
+            if outcome.state is RecipientState.DEFERRED:
+                not_before = _utcnow() + timedelta(seconds=max(0.0, h.not_before - now))
+                outcome = Outcome(h.claim.recipient_id, outcome.state, reply, max(outcome.next_attempt_at, not_before))
+            outcomes.append(outcome)
+        if outcomes:
+            self._spawn(self.writer.record(outcomes))
+        if stale:
+            self._spawn(self._release(stale))
+        self._room.set()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _release(self, recipient_ids: list[int]) -> None:
+        try:
+            await self.store.release(self.claimer.owner, recipient_ids, _utcnow())
+        except DATABASE_UNAVAILABLE:
+            pass  # the leases expire and are reclaimed
+
+    async def _deliver(self, dispatch: Dispatch) -> None:
+        started = time.monotonic()
+        try:
+            message = await self.messages.get(dispatch.message_id)
+        except DATABASE_UNAVAILABLE:
+            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic())
+            self._wake.set()
+            return
+        try:
+            conn = await self.pool.acquire(dispatch.shape, dispatch.route)
+        except SessionFailure as failure:
+            feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
+            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure))
+            log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
+            self._wake.set()
+            return
+        result = await run_transaction(
+            conn,
+            message.mail_from,
+            [(c.recipient_id, c.address) for c in dispatch.claims],
+            message.data,
+            smtputf8=message.smtputf8,
+            timeouts=self.timeouts,
+            throttle_patterns=self.shaping().throttle_patterns,
+        )
+        max_open = self.scheduler.concurrency_of(dispatch.site, time.monotonic())
+        await self.pool.release(dispatch.shape, conn, reusable=result.reusable, max_open=max_open)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        outcomes = [
+            self._outcome(c, result.replies[c.recipient_id], dispatch, conn.mx.name, conn.tls_version, duration_ms)
+            for c in dispatch.claims
+        ]
+        await self.writer.record(outcomes)
+        if result.throttled:
+            feedback, error = Feedback.THROTTLED, f"{result.throttled.code} {result.throttled.text}"
+        elif result.connection_lost:
+            feedback, error = Feedback.SESSION_FAILED, "connection lost"
+        elif any(200 <= r.code < 300 for r in result.replies.values()):
+            feedback, error = Feedback.DELIVERED, None
+        else:
+            feedback, error = Feedback.RECIPIENT_ONLY, None
+        self.scheduler.finish(dispatch, feedback, time.monotonic(), error)
+        self._room.set()
+        self._wake.set()
+
+    def _outcome(self, claim, reply, dispatch=None, mx_host=None, tls_version=None, duration_ms=None) -> Outcome:
+        state, retry_at = next_state(
+            claim,
+            reply,
+            _utcnow(),
+            minimal_backoff_s=self.settings.minimal_backoff_time,
+            maximal_backoff_s=self.settings.maximal_backoff_time,
+            queue_lifetime_s=self.settings.maximal_queue_lifetime,
+            jitter_fraction=self.settings.retry_jitter,
+            random_unit=random.random(),
+        )
+        return Outcome(
+            claim.recipient_id,
+            state,
+            reply,
+            retry_at,
+            site=dispatch.site if dispatch else None,
+            mx_host=mx_host,
+            tls_version=tls_version,
+            duration_ms=duration_ms,
+        )
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            now = time.monotonic()
+            await self.pool.close_idle(now)
+            self.scheduler.forget_quiet_sites(now)
