@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h|hour|d|day)\s*$")
+_EPSILON = 1e-9
 _PER_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 
 
@@ -36,14 +37,14 @@ class TokenBucket:
     def try_take(self, now: float, scale: float = 1.0) -> bool:
         """Take one token; `scale` < 1 slows the effective rate (backoff) without touching the config."""
         self._refill_scaled(now, scale)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= 1.0 - _EPSILON:  # sums of float increments fall a hair short of whole tokens
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
 
     def seconds_until_token(self, now: float, scale: float = 1.0) -> float:
         self._refill_scaled(now, scale)
-        missing = 1.0 - self.tokens
+        missing = 1.0 - _EPSILON - self.tokens
         return 0.0 if missing <= 0 else missing / (self.rate_per_s * scale)
 
     def _refill_scaled(self, now: float, scale: float) -> None:

@@ -1,0 +1,79 @@
+from datetime import datetime, timezone
+
+from mtad.model import Claim, MxHost, Route
+from mtad.policy.shaping import ShapeLimits, SiteShape
+from mtad.schedule.engine import Feedback, Scheduler
+
+NOW = datetime(2026, 11, 25, tzinfo=timezone.utc)
+ROUTE = Route((MxHost("mx.example", ("127.0.0.2",)),), 25)
+
+
+def claims(message_id: int, count: int, start: int = 0) -> list[Claim]:
+    return [Claim(message_id * 1000 + n, message_id, "Q", 1, "a@b", f"r{n}@x", "x", 0, NOW, NOW)
+            for n in range(start, start + count)]
+
+
+def shape(site: str, **limits) -> SiteShape:
+    return SiteShape(site, None, ShapeLimits(**limits))
+
+
+def test_recipients_of_one_message_at_one_site_go_in_one_transaction_up_to_the_limit():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", max_recipients_per_transaction=3), ROUTE, claims(1, 7), 0)
+    dispatches = scheduler.next_dispatches(0)
+    assert [len(d.claims) for d in dispatches] == [3, 3]  # window 2: two transactions in flight
+    assert scheduler.held == 7
+
+
+def test_in_flight_never_exceeds_the_window():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", connection_limit=10, initial_destination_concurrency=2), ROUTE,
+                  [c for m in range(1, 11) for c in claims(m, 1)], 0)
+    first = scheduler.next_dispatches(0)
+    assert len(first) == 2 and scheduler.next_dispatches(0) == []
+    scheduler.finish(first[0], Feedback.DELIVERED, 0)
+    assert len(scheduler.next_dispatches(0)) == 1
+
+
+def test_sites_take_turns_so_a_huge_site_does_not_starve_a_small_one():
+    scheduler = Scheduler()
+    big = shape("big", connection_limit=50, initial_destination_concurrency=50)
+    small = shape("small", connection_limit=50, initial_destination_concurrency=50)
+    scheduler.add(big, ROUTE, [c for m in range(1, 40) for c in claims(m, 1)], 0)
+    scheduler.add(small, ROUTE, claims(100, 1), 0)
+    sites = [d.site for d in scheduler.next_dispatches(0)[:4]]
+    assert "small" in sites[:2]
+
+
+def test_message_rate_limits_dispatches_and_next_wakeup_says_when():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", max_message_rate=10, connection_limit=50, initial_destination_concurrency=50), ROUTE,
+                  [c for m in range(1, 50) for c in claims(m, 1)], 0)
+    assert len(scheduler.next_dispatches(0)) == 1  # burst of max(1, rate/10)
+    wakeup = scheduler.next_wakeup(0)
+    assert 0.09 < wakeup <= 0.1
+    started = sum(len(scheduler.next_dispatches(t / 100)) for t in range(1, 101))
+    assert started == 10  # one second at 10/s
+
+
+def test_session_failure_puts_recipients_back_and_a_dead_site_hands_them_back():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", dead_after_failures=2, dead_for_s=60), ROUTE, claims(1, 2), 0)
+    (dispatch,) = scheduler.next_dispatches(0)
+    scheduler.put_back(dispatch, Feedback.SESSION_FAILED, 1, "refused")
+    assert scheduler.held == 2
+    (dispatch,) = scheduler.next_dispatches(1)
+    scheduler.put_back(dispatch, Feedback.SESSION_FAILED, 2, "refused again")
+    assert scheduler.next_dispatches(2) == []
+    handed = scheduler.take_unservable(2, max_hold_s=1000)
+    assert [h.claim.recipient_id for h in handed] == [1000, 1001]
+    assert handed[0].not_before == 62 and handed[0].error == "refused again"
+    assert scheduler.held == 0
+
+
+def test_recipients_held_too_long_are_handed_back_before_their_lease_runs_out():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", max_message_rate=0.001), ROUTE, [c for m in range(1, 4) for c in claims(m, 1)], 0)
+    scheduler.next_dispatches(0)
+    handed = scheduler.take_unservable(200, max_hold_s=150)
+    assert len(handed) == 2 and all(h.not_before is None for h in handed)
