@@ -127,3 +127,43 @@ async def wait_for(predicate, timeout_s: float = 15, interval_s: float = 0.05):
         if result or asyncio.get_running_loop().time() > deadline:
             return result
         await asyncio.sleep(interval_s)
+
+
+def delivery_document(world, shaping_path: Path, **delivery: object) -> dict:
+    """The [delivery] table that points a daemon at a RemoteWorld (its DNS and its sinks' port)."""
+    return {
+        "nameservers": ["127.0.0.1"],
+        "dns_port": world.dns.port,
+        "dns_timeout": "2s",
+        "smtp_port": world.smtp_port,
+        "shaping_file": str(shaping_path),
+        "connect_timeout": "2s",
+        "command_timeout": "5s",
+        "data_timeout": "5s",
+        **delivery,
+    }
+
+
+def write_shaping(path: Path, default: dict | None = None, **sections: dict) -> Path:
+    """A shaping.toml for tests; `default` is the [default] table, sections like provider={...}."""
+    document = {"default": {"dead_for": "1s", "backoff_for": "1s", **(default or {})}, **sections}
+    lines = []
+    for name, table in document.items():
+        if name in ("provider", "domain"):
+            for sub, values in table.items():
+                lines.append(f'[{name}."{sub}"]')
+                lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        else:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def start_delivering(db_url: str, state_dir: Path, world, shaping_path: Path, **delivery: object) -> Daemon:
+    document = daemon_document(db_url, state_dir)
+    document["delivery"] = delivery_document(world, shaping_path, **delivery)
+    document["queue"] = {"reclaim_interval": "1s", "poll_interval": "200ms", "lease": "30s"}
+    daemon = Daemon(parse_settings(document, {}), None)
+    await daemon.start()
+    return daemon

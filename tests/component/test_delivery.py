@@ -1,0 +1,227 @@
+"""Delivery end to end: a real daemon, a real PostgreSQL, a DNS server and SMTP sinks on 127.0.0.x."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import dkim
+import pytest
+
+from mtad.model import EnvelopeRecipient, Submission
+from mtad.policy.queue_id import make_queue_id
+from mtad.queue.store import QueueStore
+from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key
+from support.daemon import PASSWORD, start_delivering, write_shaping
+from support.remote_world import RemoteWorld
+from support.smtp_client import RawSMTP
+from support.smtp_sink import SinkBehaviour
+
+_ids = iter(range(1, 10**9))
+
+
+async def queue_messages(pool, domain_recipients: list[list[str]], body: bytes | None = None) -> None:
+    """Queue messages straight into the store (the submission path has its own tests)."""
+    store = QueueStore(pool)
+    tenant_id = await pool.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
+    now = datetime.now(timezone.utc)
+    for recipients in domain_recipients:
+        await store.insert_submission(
+            Submission(
+                queue_id=make_queue_id(int(time.time() * 1000), next(_ids)),
+                tenant_id=tenant_id,
+                mail_from="news@acme.example",
+                recipients=tuple(EnvelopeRecipient(r, r.split("@")[1]) for r in recipients),
+                body=body or b"From: news@acme.example\r\nSubject: test\r\n\r\nhello\r\n",
+                client_ip="127.0.0.0",
+                received_at=now,
+            )
+        )
+
+
+async def states(pool) -> dict[str, int]:
+    return {r["state"]: r["n"] for r in await pool.fetch("SELECT state, count(*) AS n FROM recipients GROUP BY state")}
+
+
+async def until(predicate, timeout_s: float = 30, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval_s)
+    return await predicate()
+
+
+@pytest.fixture
+async def world():
+    async with RemoteWorld(["mx-a", "mx-b", "mx-c"]) as world:
+        world.add_domain("a.example", sink="mx-a")
+        world.add_domain("b.example", sink="mx-b")
+        world.add_domain("c.example", sink="mx-c")
+        yield world
+
+
+@pytest.fixture
+def shaping(tmp_path):
+    return write_shaping(tmp_path / "shaping.toml", {"connection_limit": 5, "initial_destination_concurrency": 2})
+
+
+async def test_submitted_mail_is_delivered_to_the_right_sink_with_rsa_and_ed25519_signatures(
+    db_url, tenants, pool, world, tmp_path, shaping
+):
+    keys = {
+        algo: write_key(tmp_path / "state" / "dkim", "acme.example", f"s-{algo}", generate_private_key(algo))
+        for algo in ("rsa", "ed25519")
+    }
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    try:
+        port = daemon.listeners.servers[0].sockets[0].getsockname()[1]
+        client, _ = await RawSMTP.open(port)
+        await client.authenticated("acme", PASSWORD)
+        await client.command("MAIL FROM:<news@acme.example>")
+        await client.command("RCPT TO:<alice@a.example>")
+        await client.command("RCPT TO:<bob@b.example>")
+        await client.command("DATA")
+        code, text = await client.command(b"From: News <news@acme.example>\r\nSubject: hi\r\n\r\nHello!\r\n.")
+        assert code == 250, text
+        await client.close()
+        (at_a,) = await world.sinks["mx-a"].wait_for_messages(1, timeout_s=20)
+        (at_b,) = await world.sinks["mx-b"].wait_for_messages(1, timeout_s=20)
+    finally:
+        await daemon.stop()
+    assert at_a.rcpt_tos == ["alice@a.example"] and at_b.rcpt_tos == ["bob@b.example"]
+    records = {dns_record_name(k).encode() + b".": dns_record_value(k).encode() for k in keys.values()}
+    verifier = dkim.DKIM(at_a.data)
+    assert verifier.verify(dnsfunc=lambda name, timeout=5: records[name], idx=0)
+    assert verifier.verify(dnsfunc=lambda name, timeout=5: records[name], idx=1)
+    assert at_a.data.count(b"DKIM-Signature:") == 2
+    assert await until(lambda: states(pool)) == {"delivered": 2}
+    events = await pool.fetch("SELECT kind, site, mx_host, duration_ms FROM events ORDER BY id")
+    assert [e["kind"] for e in events] == ["delivered", "delivered"]
+    assert all(e["mx_host"] and e["site"] and e["duration_ms"] is not None for e in events)
+
+
+async def test_a_site_that_allows_two_sessions_gets_two_with_few_421s(db_url, tenants, pool, tmp_path):
+    async with RemoteWorld({"mx": SinkBehaviour(max_concurrent_sessions=2)}) as world:
+        world.add_domain("narrow.example", sink="mx")
+        shaping = write_shaping(
+            tmp_path / "shaping.toml",
+            {"connection_limit": 10, "initial_destination_concurrency": 4, "backoff_for": "2s"},
+        )
+        await queue_messages(pool, [[f"r{n}@narrow.example"] for n in range(200)])
+        daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+        try:
+            assert await until(lambda: _delivered(pool, 200), timeout_s=60)
+        finally:
+            await daemon.stop()
+        sink = world.sinks["mx"]
+    assert len(sink.messages) == 200
+    assert sink.max_concurrent_sessions == 2
+    assert sink.rejected_connections <= 10  # bounded: backoff, not hammering
+
+
+async def test_max_message_rate_is_respected_within_ten_percent(db_url, tenants, pool, world, tmp_path):
+    shaping = write_shaping(
+        tmp_path / "shaping.toml",
+        {"connection_limit": 5, "initial_destination_concurrency": 5, "max_message_rate": "10/s"},
+    )
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(41)])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    try:
+        messages = await world.sinks["mx-a"].wait_for_messages(41, timeout_s=30)
+    finally:
+        await daemon.stop()
+    times = sorted(m.received_at for m in messages)
+    rate = (len(times) - 1) / (times[-1] - times[0])  # the first one may go in the initial burst
+    assert 9.0 <= rate <= 11.0, rate
+
+
+async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants, pool, world, tmp_path, shaping):
+    await world.sinks["mx-c"].stop()  # c.example's MX refuses connections
+    world.sinks["mx-b"].behaviour = SinkBehaviour(stall_greeting_s=3.0)  # b.example is very slow
+    await queue_messages(pool, [[f"r{n}@c.example"] for n in range(50)] + [[f"s{n}@b.example"] for n in range(4)])
+    await queue_messages(pool, [[f"q{n}@a.example"] for n in range(100)])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    try:
+        started = time.monotonic()
+        await world.sinks["mx-a"].wait_for_messages(100, timeout_s=20)
+        fast_site_s = time.monotonic() - started
+        deferred = await until(
+            lambda: pool.fetchval("SELECT count(*) FROM recipients WHERE domain = 'c.example' AND state = 'deferred'"),
+        )
+    finally:
+        await daemon.stop()
+    assert fast_site_s < 20
+    assert deferred == 50
+    reply = await pool.fetchval("SELECT last_reply FROM recipients WHERE domain = 'c.example' LIMIT 1")
+    assert "refused" in reply.lower() or "connect" in reply.lower()
+
+
+async def test_450_defers_and_retries_550_bounces_null_mx_bounces_at_once(db_url, tenants, pool, world, tmp_path, shaping):
+    world.sinks["mx-a"].behaviour = SinkBehaviour(
+        recipient_replies={"later@a.example": "450 4.2.0 mailbox busy", "gone@a.example": "550 5.1.1 no such user"}
+    )
+    world.dns.null_mx("nomail.example")
+    await queue_messages(pool, [["later@a.example"], ["gone@a.example"], ["ok@a.example"], ["x@nomail.example"]])
+    daemon = await start_delivering(
+        db_url, tmp_path / "state", world, shaping, minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0
+    )
+    try:
+        rows = await until(lambda: _all_tried(pool, 4))
+        by_address = {r["address"]: r for r in rows}
+        assert by_address["later@a.example"]["state"] == "deferred"
+        assert by_address["gone@a.example"]["state"] == "bounced"
+        assert by_address["gone@a.example"]["last_enhanced"] == "5.1.1"
+        assert by_address["ok@a.example"]["state"] == "delivered"
+        assert by_address["x@nomail.example"]["state"] == "bounced"
+        assert by_address["x@nomail.example"]["last_code"] == 556
+        world.sinks["mx-a"].behaviour = SinkBehaviour()  # the mailbox is no longer busy
+        assert await until(
+            lambda: pool.fetchval("SELECT state = 'delivered' FROM recipients WHERE address = 'later@a.example'")
+        )
+        attempts = await pool.fetchval("SELECT attempts FROM recipients WHERE address = 'later@a.example'")
+    finally:
+        await daemon.stop()
+    assert attempts == 2
+
+
+async def test_a_recipient_deferred_past_the_queue_lifetime_expires(db_url, tenants, pool, world, tmp_path, shaping):
+    world.sinks["mx-a"].behaviour = SinkBehaviour(recipient_replies={"a.example": "451 4.3.0 try later"})
+    await queue_messages(pool, [["never@a.example"]])
+    daemon = await start_delivering(
+        db_url, tmp_path / "state", world, shaping,
+        minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0, maximal_queue_lifetime="3s",
+    )
+    try:
+        state = await until(
+            lambda: pool.fetchval("SELECT state FROM recipients WHERE state = 'expired'"), timeout_s=20
+        )
+    finally:
+        await daemon.stop()
+    assert state == "expired"
+
+
+async def test_a_thousand_messages_to_one_site_reuse_connections(db_url, tenants, pool, world, tmp_path):
+    shaping = write_shaping(
+        tmp_path / "shaping.toml",
+        {"connection_limit": 4, "initial_destination_concurrency": 4, "max_deliveries_per_connection": 1000},
+    )
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(1000)])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    try:
+        await world.sinks["mx-a"].wait_for_messages(1000, timeout_s=90)
+    finally:
+        await daemon.stop()
+    assert world.sinks["mx-a"].connections_total <= 20
+    assert await until(lambda: _delivered(pool, 1000))
+
+
+async def _delivered(pool, n: int) -> bool:
+    return await pool.fetchval("SELECT count(*) FROM recipients WHERE state = 'delivered'") == n
+
+
+async def _all_tried(pool, n: int):
+    rows = await pool.fetch("SELECT address, state, last_code, last_enhanced FROM recipients WHERE attempts > 0")
+    return rows if len(rows) == n else None
