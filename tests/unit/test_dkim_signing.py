@@ -181,6 +181,13 @@ def test_a_parent_domain_key_signs_for_its_subdomains(rsa_key):
     assert dkim.verify(header + MESSAGE, dnsfunc=dns_for(rsa_key))
 
 
+def test_an_internationalised_from_domain_finds_the_key_of_its_a_label(rsa_key):
+    idn_key = DomainKey("xn--bcher-kva.example", "s1", "rsa-sha256", rsa_key.private_key)
+    signer = DkimSigner({"xn--bcher-kva.example": [idn_key]})
+    assert signer.key_domain_for("news.bücher.example") == "xn--bcher-kva.example"
+    assert signer.key_domain_for("bad..bücher") is None
+
+
 def test_the_nearest_domain_with_a_key_wins(rsa_key):
     news_key = DomainKey("news.example.com", "n1", "rsa-sha256", rsa_key.private_key)
     signer = DkimSigner({"example.com": [rsa_key], "news.example.com": [news_key]})
