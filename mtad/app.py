@@ -232,7 +232,10 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), 10)
+            except TimeoutError:
+                self.pool.terminate()  # a query stuck on a dead server must not keep the daemon from exiting
         if self._cluster_started is not None:
             await asyncio.to_thread(self._cluster_started.stop)
         log_event(log, "daemon.stopped")

@@ -97,6 +97,7 @@ class DeliverySettings:
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 300.0  # RFC 5321 4.5.3.2: greeting, MAIL, RCPT
     data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2: after the final dot
+    status_interval: Duration = 5.0  # how often a node publishes its sites' state for `queue summary`
 
 
 @dataclass(frozen=True)

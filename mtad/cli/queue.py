@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 
 from mtad.cli.database import operator_connection
 from mtad.config import Settings
+from mtad.policy.addresses import to_ascii_domain
+from mtad.queue.controls import ControlError, QueueControls
 from mtad.queue.report import message_story, queue_summary
 
 
@@ -23,6 +25,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     show.add_argument("queue_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=run_show)
+    for action, help_text in (
+        ("pause", "stop delivering to a domain or for a tenant"),
+        ("resume", "lift a pause"),
+        ("retry", "make deferred recipients due now (all, or a domain or tenant)"),
+        ("cancel", "cancel recipients not yet delivered, by domain, tenant or message"),
+    ):
+        cmd = actions.add_parser(action, help=help_text)
+        target = cmd.add_mutually_exclusive_group(required=action in ("pause", "resume"))
+        target.add_argument("--domain")
+        target.add_argument("--tenant")
+        if action == "cancel":
+            target.add_argument("--queue-id")
+        cmd.set_defaults(handler=run_control, control=action)
 
 
 def run_summary(settings: Settings, args: argparse.Namespace) -> int:
@@ -42,6 +57,19 @@ def run_summary(settings: Settings, args: argparse.Namespace) -> int:
         print("\npending by domain:")
         for row in summary["by_domain"]:
             print(f"  {row['domain']:<40} {row['recipients']:>8}  deferred {row['deferred']}  active {row['active']}")
+    if summary["sites"]:
+        print("\nsites (as the delivering nodes see them):")
+        for row in summary["sites"]:
+            dead = f"  dead until {row['dead_until']:%H:%M:%S}" if row["dead_until"] else ""
+            error = f"  last error: {row['last_error']}" if row["last_error"] else ""
+            print(
+                f"  {row['site']:<32} {row['health']:<8} window {row['concurrency']:>3}  in flight {row['in_flight']:>3}"
+                f"  pending {row['pending']:>6}  rate x{row['rate_scale']:.2f}{dead}{error}"
+            )
+    if summary["paused"]:
+        print("\npaused:")
+        for row in summary["paused"]:
+            print(f"  {'domain ' + row['domain'] if row['domain'] else 'tenant ' + row['tenant']}")
     if summary["by_tenant"]:
         print("\npending by tenant:")
         for row in summary["by_tenant"]:
@@ -73,4 +101,25 @@ def run_show(settings: Settings, args: argparse.Namespace) -> int:
         for row in story["events"]:
             reply = f" {row['code']} {row['enhanced'] or ''} {row['reply'] or ''}".rstrip() if row["code"] else ""
             print(f"  {row['at']:%Y-%m-%d %H:%M:%S} {row['kind']:<10} {row['address'] or ''}{reply}")
+    return 0
+
+
+def run_control(settings: Settings, args: argparse.Namespace) -> int:
+    domain = to_ascii_domain(args.domain) if args.domain else None
+    filters = {"domain": domain, "tenant": args.tenant}
+    if args.control == "cancel":
+        filters["queue_id"] = args.queue_id
+
+    async def apply() -> int:
+        async with operator_connection(settings) as conn:
+            controls = QueueControls(conn)
+            return await getattr(controls, args.control)(datetime.now(timezone.utc), **filters)
+
+    try:
+        count = asyncio.run(apply())
+    except ControlError as exc:
+        print(f"mtad: {exc}", file=sys.stderr)
+        return 1
+    target = domain or args.tenant or getattr(args, "queue_id", None) or "all"
+    print(f"{args.control}: {target}: {count} recipients")
     return 0

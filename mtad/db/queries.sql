@@ -17,6 +17,8 @@ FROM message, unnest($9::text[], $10::text[]) AS r (address, domain);
 WITH due AS (
     SELECT id FROM recipients
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= $1
+      AND NOT EXISTS (SELECT 1 FROM queue_pauses AS p WHERE p.domain = recipients.domain
+                                                        OR p.tenant_id = recipients.tenant_id)
     ORDER BY next_attempt_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -159,3 +161,74 @@ FROM recipients WHERE message_id = $1 ORDER BY id;
 SELECT e.at, e.kind, r.address, e.code, e.enhanced, e.reply
 FROM events AS e LEFT JOIN recipients AS r ON r.id = e.recipient_id
 WHERE e.message_id = $1 ORDER BY e.at, e.id;
+
+-- pause --
+-- Stop delivery to a domain or for a tenant; waiting recipients are parked at the end of the due index.
+WITH paused AS (
+    INSERT INTO queue_pauses (domain, tenant_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1
+)
+UPDATE recipients SET next_attempt_at = 'infinity', updated_at = $3
+WHERE state IN ('queued', 'deferred') AND (domain = $1 OR tenant_id = $2)
+RETURNING id;
+
+-- resume --
+-- Lift a pause: parked recipients are due now.
+WITH lifted AS (
+    DELETE FROM queue_pauses WHERE domain = $1 OR tenant_id = $2 RETURNING 1
+)
+UPDATE recipients SET next_attempt_at = $3, updated_at = $3
+WHERE state IN ('queued', 'deferred') AND next_attempt_at = 'infinity' AND (domain = $1 OR tenant_id = $2)
+RETURNING id;
+
+-- list_pauses --
+-- What is paused, for the summary.
+SELECT p.domain, t.name AS tenant, p.created_at
+FROM queue_pauses AS p LEFT JOIN tenants AS t ON t.id = p.tenant_id ORDER BY p.created_at;
+
+-- retry_deferred --
+-- Make deferred recipients due now (all, or for one domain or tenant); paused ones stay parked.
+UPDATE recipients SET next_attempt_at = $3, updated_at = $3
+WHERE state = 'deferred' AND next_attempt_at > $3 AND next_attempt_at <> 'infinity'
+  AND ($1::text IS NULL OR domain = $1) AND ($2::bigint IS NULL OR tenant_id = $2)
+RETURNING id;
+
+-- cancel_pending --
+-- Cancel recipients not yet delivered, by domain, tenant and/or message; recipients in flight finish first.
+WITH cancelled AS (
+    UPDATE recipients AS r SET state = 'cancelled', updated_at = $4
+    WHERE r.state IN ('queued', 'deferred')
+      AND ($1::text IS NULL OR r.domain = $1) AND ($2::bigint IS NULL OR r.tenant_id = $2)
+      AND ($3::text IS NULL OR r.message_id = (SELECT id FROM messages WHERE queue_id = $3))
+    RETURNING r.id, r.message_id, r.tenant_id
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply)
+SELECT $4, 'cancelled', tenant_id, message_id, id, 'cancelled by an operator' FROM cancelled
+RETURNING recipient_id;
+
+-- tenant_id_by_name --
+-- Resolve an operator's --tenant filter.
+SELECT id FROM tenants WHERE name = $1;
+
+-- upsert_site_status --
+-- A node publishes its sites' windows and states (for `queue summary`, across nodes).
+INSERT INTO site_status (node, site, provider, health, concurrency, in_flight, pending, rate_scale, dead_until,
+                         last_error, updated_at)
+SELECT $1, s.site, s.provider, s.health, s.concurrency, s.in_flight, s.pending, s.rate_scale, s.dead_until,
+       s.last_error, $2
+FROM unnest($3::text[], $4::text[], $5::text[], $6::integer[], $7::integer[], $8::integer[], $9::float8[],
+            $10::timestamptz[], $11::text[])
+     AS s (site, provider, health, concurrency, in_flight, pending, rate_scale, dead_until, last_error)
+ON CONFLICT (node, site) DO UPDATE SET
+    provider = excluded.provider, health = excluded.health, concurrency = excluded.concurrency,
+    in_flight = excluded.in_flight, pending = excluded.pending, rate_scale = excluded.rate_scale,
+    dead_until = excluded.dead_until, last_error = excluded.last_error, updated_at = excluded.updated_at;
+
+-- forget_site_status --
+-- A node's sites it no longer holds, and nodes that stopped reporting long ago.
+DELETE FROM site_status WHERE (node = $1 AND updated_at < $2) OR updated_at < $3;
+
+-- site_statuses --
+-- Sites as the live nodes see them, the most troubled first.
+SELECT node, site, provider, health, concurrency, in_flight, pending, rate_scale, dead_until, last_error, updated_at
+FROM site_status WHERE updated_at > $1
+ORDER BY health <> 'healthy' DESC, pending + in_flight DESC, site LIMIT $2;

@@ -6,13 +6,18 @@ bytes; the cache is bounded in bytes so a backlog of large messages cannot exhau
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from mtad.observe.logs import log_event
 from mtad.policy.message_text import from_addresses, header_fields, split_message
 from mtad.queue.store import QueueStore
+
+
+log = logging.getLogger("mtad.deliver")
 
 
 class Signer(Protocol):
@@ -61,4 +66,8 @@ class MessageCache:
         key_domain = self.signer.key_domain_for(from_domain) if from_domain else None
         if key_domain is None:
             return body
-        return self.signer.sign(body, key_domain, int(time.time())) + body
+        try:
+            return self.signer.sign(body, key_domain, int(time.time())) + body
+        except ValueError as exc:  # cannot happen for mail stored by ingest (CRLF-normalised); say so if it does
+            log_event(log, "dkim.sign_failed", logging.ERROR, domain=key_domain, error=str(exc))
+            return body

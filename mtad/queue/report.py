@@ -5,12 +5,15 @@ Works against any mtad database, whether a daemon is running or not.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from mtad.db.queries import queries
+
+
+SITE_STATUS_FRESH = timedelta(minutes=2)  # a node publishes every few seconds; older rows are from dead nodes
 
 
 async def queue_summary(conn: asyncpg.Connection, now: datetime, top_domains: int = 20) -> dict[str, Any]:
@@ -23,6 +26,8 @@ async def queue_summary(conn: asyncpg.Connection, now: datetime, top_domains: in
         "oldest_pending_age_s": round((now - oldest).total_seconds(), 1) if oldest else None,
         "by_domain": [dict(row) for row in await conn.fetch(sql["count_pending_by_domain"], top_domains)],
         "by_tenant": [dict(row) for row in await conn.fetch(sql["count_pending_by_tenant"])],
+        "sites": [dict(row) for row in await conn.fetch(sql["site_statuses"], now - SITE_STATUS_FRESH, 50)],
+        "paused": [dict(row) for row in await conn.fetch(sql["list_pauses"])],
     }
 
 

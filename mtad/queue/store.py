@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -139,6 +139,26 @@ class QueueStore:
         """Return recipients whose lease ran out to the queue, due now; returns how many."""
         rows = await self._pool.fetch(self._sql["reclaim_expired"], now, limit)
         return len(rows)
+
+    async def publish_site_status(self, node: str, sites: Sequence, now: datetime) -> None:
+        """This node's view of its sites (schedule.engine.SiteState with wall-clock dead_until)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if sites:
+                await conn.execute(
+                    self._sql["upsert_site_status"],
+                    node,
+                    now,
+                    [s.site for s in sites],
+                    [s.provider for s in sites],
+                    [s.health for s in sites],
+                    [s.concurrency for s in sites],
+                    [s.in_flight for s in sites],
+                    [s.pending for s in sites],
+                    [s.rate_scale for s in sites],
+                    [s.dead_until for s in sites],
+                    [s.last_error for s in sites],
+                )
+            await conn.execute(self._sql["forget_site_status"], node, now, now - timedelta(hours=1))
 
     async def load_message(self, message_id: int) -> StoredMessage | None:
         row = await self._pool.fetchrow(self._sql["load_message"], message_id)

@@ -13,6 +13,7 @@ still held is released to the queue (no attempt counted), so a clean stop causes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -253,7 +254,21 @@ class DeliveryRunner:
 
     async def _housekeeping(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(self.settings.status_interval)
             now = time.monotonic()
             await self.pool.close_idle(now)
+            await self._publish_site_status(now)
             self.scheduler.forget_quiet_sites(now)
+
+    async def _publish_site_status(self, now: float) -> None:
+        wall = _utcnow()
+        states = [
+            dataclasses.replace(
+                state, dead_until=wall + timedelta(seconds=state.dead_until - now) if state.dead_until else None
+            )
+            for state in self.scheduler.site_states(now)
+        ]
+        try:
+            await self.store.publish_site_status(self.claimer.owner, states, wall)
+        except DATABASE_UNAVAILABLE:
+            pass  # only a report; the next round publishes again

@@ -138,12 +138,13 @@ async def test_max_message_rate_is_respected_within_ten_percent(db_url, tenants,
     assert 9.0 <= rate <= 11.0, rate
 
 
-async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants, pool, world, tmp_path, shaping):
+async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants, pool, world, tmp_path):
+    shaping = write_shaping(tmp_path / "shaping.toml", {"dead_for": "30s"})
     await world.sinks["mx-c"].stop()  # c.example's MX refuses connections
     world.sinks["mx-b"].behaviour = SinkBehaviour(stall_greeting_s=3.0)  # b.example is very slow
     await queue_messages(pool, [[f"r{n}@c.example"] for n in range(50)] + [[f"s{n}@b.example"] for n in range(4)])
     await queue_messages(pool, [[f"q{n}@a.example"] for n in range(100)])
-    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, status_interval="200ms")
     try:
         started = time.monotonic()
         await world.sinks["mx-a"].wait_for_messages(100, timeout_s=20)
@@ -151,10 +152,12 @@ async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants
         deferred = await until(
             lambda: pool.fetchval("SELECT count(*) FROM recipients WHERE domain = 'c.example' AND state = 'deferred'"),
         )
+        sites = await until(lambda: pool.fetch("SELECT site, health, last_error FROM site_status WHERE health = 'dead'"))
     finally:
         await daemon.stop()
     assert fast_site_s < 20
     assert deferred == 50
+    assert len(sites) == 1 and "connect" in sites[0]["last_error"].lower()
     reply = await pool.fetchval("SELECT last_reply FROM recipients WHERE domain = 'c.example' LIMIT 1")
     assert "refused" in reply.lower() or "connect" in reply.lower()
 

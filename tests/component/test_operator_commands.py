@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from mtad.model import Reply
+
 from support.daemon import PASSWORD, DaemonProcess, daemon_document, write_config
 from support.smtp_client import RawSMTP
 
@@ -121,3 +123,33 @@ async def test_swaks_as_printed_by_make_run_queues_a_message(db_url, tenants, co
     assert result.returncode == 0, result.stdout[-2000:]
     assert "queued as" in result.stdout
     assert await pool.fetchval("SELECT count(*) FROM recipients WHERE address = 'someone@example.net'") == 1
+
+
+async def test_pause_parks_a_domain_resume_and_retry_make_it_due_and_cancel_needs_a_filter(db_url, tenants, pool, config):
+    from datetime import datetime, timedelta, timezone
+
+    from mtad.model import EnvelopeRecipient, Submission
+    from mtad.queue.store import QueueStore
+
+    tenant_id = await pool.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
+    now = datetime.now(timezone.utc)
+    await QueueStore(pool).insert_submission(
+        Submission("QP1", tenant_id, "a@acme.example",
+                   (EnvelopeRecipient("x@paused.example", "paused.example"), EnvelopeRecipient("y@other.example", "other.example")),
+                   b"From: a@acme.example\r\n\r\nx\r\n", "127.0.0.0", now)
+    )
+    assert mtad(config, "queue", "pause", "--domain", "paused.example").stdout.strip() == "pause: paused.example: 1 recipients"
+    claims = await QueueStore(pool).claim("n", 10, 60, now + timedelta(hours=1))
+    assert [c.address for c in claims] == ["y@other.example"]  # the paused domain is not claimed
+    summary = json.loads(mtad(config, "queue", "summary", "--json").stdout)
+    assert summary["paused"][0]["domain"] == "paused.example"
+    assert "resume: paused.example: 1" in mtad(config, "queue", "resume", "--domain", "paused.example").stdout
+    claims = await QueueStore(pool).claim("n", 10, 60, now + timedelta(hours=1))
+    assert [c.address for c in claims] == ["x@paused.example"]
+    await QueueStore(pool).defer("n", [claims[0].recipient_id], Reply(450, "4.2.0", "busy"), now + timedelta(days=1), now)
+    assert "retry: all: 1 recipients" in mtad(config, "queue", "retry").stdout
+    assert await pool.fetchval("SELECT next_attempt_at <= now() FROM recipients WHERE address = 'x@paused.example'")
+    refused = mtad(config, "queue", "cancel")
+    assert refused.returncode == 1 and "refusing" in refused.stderr
+    assert "cancel: QP1: 1 recipients" in mtad(config, "queue", "cancel", "--queue-id", "QP1").stdout
+    assert await pool.fetchval("SELECT state FROM recipients WHERE address = 'x@paused.example'") == "cancelled"
