@@ -139,7 +139,8 @@ async def test_database_down_gives_451_and_nothing_is_half_written(tmp_path):
     root = tmp_path.parent / f"{tmp_path.name}-pg"
     root.mkdir(mode=0o755)
     root.parent.chmod(0o755)
-    cluster = EmbeddedPostgres(root / "pg", durable=False)
+    # durable: with synchronous_commit off an immediate stop could lose the tenants this test just added
+    cluster = EmbeddedPostgres(root / "pg", durable=True)
     cluster.start()
     import asyncpg
 

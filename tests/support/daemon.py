@@ -37,6 +37,7 @@ def daemon_document(db_url: str, state_dir: Path, **submission: object) -> dict:
         "database": {"url": db_url, "pool_min_size": 1, "pool_max_size": 4},
         "submission": {"listen": ["127.0.0.1:0"], "implicit_tls_listen": ["127.0.0.1:0"], **submission},
         "queue": {"reclaim_interval": "1s"},
+        "delivery": {"enabled": False},  # submission tests look at the queue; delivery tests switch it on
     }
 
 
