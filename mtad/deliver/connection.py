@@ -105,6 +105,7 @@ async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_conte
     )
     try:
         await asyncio.wait_for(client.connect(timeout=timeouts.connect_s), timeouts.connect_s + timeouts.command_s)
+        await client.ehlo()  # the extensions decide STARTTLS, SMTPUTF8 and 8BITMIME
         tls_version = None
         if limits.tls != "disabled" and client.supports_extension("starttls"):
             context = verify_context if limits.tls_verify else _opportunistic_context()

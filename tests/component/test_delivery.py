@@ -264,3 +264,45 @@ async def test_kill_9_during_delivery_loses_nothing_and_repeats_only_what_was_in
 
 async def _at_least(sink, n: int) -> bool:
     return len(sink.messages) >= n
+
+
+async def test_starttls_is_used_when_offered_and_required_tls_defers_when_it_is_not(db_url, tenants, pool, tmp_path):
+    async with RemoteWorld(
+        {"tls": SinkBehaviour(starttls=True), "plain": SinkBehaviour()},
+        hostnames={"tls": "mx.tls.example", "plain": "mx.plain.example"},
+    ) as world:
+        world.add_domain("secure.example", sink="tls", mx_host="mx.tls.example")
+        world.add_domain("plain.example", sink="plain", mx_host="mx.plain.example")
+        shaping = write_shaping(tmp_path / "shaping.toml", domain={"plain.example": {"tls": "required"}})
+        await queue_messages(pool, [["a@secure.example"], ["b@plain.example"]])
+        daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+        try:
+            (message,) = await world.sinks["tls"].wait_for_messages(1, timeout_s=20)
+            reply = await until(
+                lambda: pool.fetchval("SELECT last_reply FROM recipients WHERE address = 'b@plain.example' AND attempts > 0")
+            )
+            tls_version = await until(
+                lambda: pool.fetchval("SELECT tls_version FROM events WHERE kind = 'delivered'")
+            )
+        finally:
+            await daemon.stop()
+        assert message.tls
+        assert tls_version.startswith("TLS")
+        assert "does not offer STARTTLS" in reply
+        assert world.sinks["plain"].messages == []
+
+
+async def test_certificate_is_checked_against_the_mx_host_name_when_verification_is_on(db_url, tenants, pool, tmp_path):
+    async with RemoteWorld({"tls": SinkBehaviour(starttls=True)}, hostnames={"tls": "mx.right.example"}) as world:
+        world.add_domain("wrong.example", sink="tls", mx_host="mx.wrong-name.example")  # cert says mx.right.example
+        shaping = write_shaping(tmp_path / "shaping.toml", {"tls": "required", "tls_verify": True})
+        await queue_messages(pool, [["a@wrong.example"]])
+        daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+        try:
+            reply = await until(
+                lambda: pool.fetchval("SELECT last_reply FROM recipients WHERE attempts > 0"), timeout_s=20
+            )
+        finally:
+            await daemon.stop()
+        assert world.sinks["tls"].messages == []
+        assert "SSL" in reply or "certificate" in reply.lower()
