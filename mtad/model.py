@@ -29,7 +29,8 @@ S = RecipientState
 TRANSITIONS: dict[RecipientState, frozenset[RecipientState]] = {
     S.QUEUED: frozenset({S.ACTIVE, S.SUPPRESSED, S.CANCELLED}),
     # ACTIVE -> QUEUED is a release (lease given back without an attempt) or a reclaimed lease.
-    S.ACTIVE: frozenset({S.DELIVERED, S.DEFERRED, S.BOUNCED, S.EXPIRED, S.QUEUED}),
+    # ACTIVE -> CANCELLED: the recipient unsubscribed while its copy was leased, before the attempt.
+    S.ACTIVE: frozenset({S.DELIVERED, S.DEFERRED, S.BOUNCED, S.EXPIRED, S.QUEUED, S.CANCELLED}),
     S.DEFERRED: frozenset({S.ACTIVE, S.EXPIRED, S.SUPPRESSED, S.CANCELLED}),
     S.DELIVERED: frozenset(),
     S.BOUNCED: frozenset(),
@@ -43,6 +44,11 @@ TERMINAL_STATES = frozenset(state for state, targets in TRANSITIONS.items() if n
 
 def can_transition(current: RecipientState, target: RecipientState) -> bool:
     return target in TRANSITIONS[current]
+
+
+class MessageClass(StrEnum):
+    MARKETING = "marketing"  # promotional: gets List-Unsubscribe, honours unsubscribes
+    TRANSACTIONAL = "transactional"  # account and maintenance mail: exempt from unsubscribes, never promotional
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class Submission:
     client_ip: str  # masked (last octet / beyond /48 zeroed)
     received_at: datetime
     smtputf8: bool = False
+    message_class: MessageClass = MessageClass.MARKETING
+    list_id: str = ""  # the tenant's list, scoping unsubscribes; "" when none was named
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class Claim:
     attempts: int
     queued_at: datetime
     lease_expires_at: datetime
+    message_class: MessageClass = MessageClass.MARKETING
+    list_id: str = ""
 
 
 @dataclass(frozen=True)

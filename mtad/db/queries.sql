@@ -3,32 +3,65 @@
 
 -- insert_submission --
 -- The message and all its recipients in one statement, hence one transaction: all stored or nothing.
+-- A recipient suppressed for this tenant (unsubscribed marketing, hard bounce, complaint) is stored as
+-- 'suppressed' and never attempted; the statement returns those addresses with the reason.
 WITH message AS (
-    INSERT INTO messages (queue_id, tenant_id, mail_from, size_bytes, smtputf8, client_ip, received_at, body)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-    RETURNING id, tenant_id, received_at
+    INSERT INTO messages (queue_id, tenant_id, mail_from, size_bytes, smtputf8, client_ip, received_at, body, class,
+                          list_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $11, $12)
+    RETURNING id, tenant_id, received_at, class, list_id
+), incoming AS (
+    SELECT r.address, r.domain,
+           (SELECT s.reason FROM suppressions AS s, message AS m
+            WHERE s.tenant_id = m.tenant_id AND s.address = lower(r.address)
+              AND (s.reason <> 'unsubscribed' OR (m.class = 'marketing' AND s.list_id IN ('', m.list_id)))
+            ORDER BY s.reason LIMIT 1) AS suppressed_because
+    FROM unnest($9::text[], $10::text[]) AS r (address, domain)
+), stored AS (
+    INSERT INTO recipients (message_id, tenant_id, address, domain, state, queued_at, next_attempt_at, updated_at)
+    SELECT message.id, message.tenant_id, i.address, i.domain,
+           CASE WHEN i.suppressed_because IS NULL THEN 'queued' ELSE 'suppressed' END,
+           message.received_at, message.received_at, message.received_at
+    FROM message, incoming AS i
+    RETURNING id, message_id, tenant_id, address, state
+), suppressed_events AS (
+    INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply)
+    SELECT $7, 'suppressed', s.tenant_id, s.message_id, s.id, 'suppressed: ' || i.suppressed_because
+    FROM stored AS s JOIN incoming AS i ON i.address = s.address
+    WHERE s.state = 'suppressed'
 )
-INSERT INTO recipients (message_id, tenant_id, address, domain, queued_at, next_attempt_at, updated_at)
-SELECT message.id, message.tenant_id, r.address, r.domain, message.received_at, message.received_at, message.received_at
-FROM message, unnest($9::text[], $10::text[]) AS r (address, domain);
+SELECT i.address, i.suppressed_because FROM incoming AS i WHERE i.suppressed_because IS NOT NULL;
 
 -- claim_due --
 -- Lease a batch of due recipients; SKIP LOCKED lets several claimers (and nodes) share the queue.
+-- Suppressed since they were queued (an unsubscribe, a hard bounce): marked so in the same statement,
+-- never handed to delivery. Paused domains and tenants are skipped.
 WITH due AS (
-    SELECT id FROM recipients
-    WHERE state IN ('queued', 'deferred') AND next_attempt_at <= $1
-      AND NOT EXISTS (SELECT 1 FROM queue_pauses AS p WHERE p.domain = recipients.domain
-                                                        OR p.tenant_id = recipients.tenant_id)
-    ORDER BY next_attempt_at
+    SELECT r.id,
+           EXISTS (SELECT 1 FROM suppressions AS s
+                   WHERE s.tenant_id = r.tenant_id AND s.address = lower(r.address)
+                     AND (s.reason <> 'unsubscribed' OR (m.class = 'marketing' AND s.list_id IN ('', m.list_id))))
+               AS suppressed
+    FROM recipients AS r JOIN messages AS m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred') AND r.next_attempt_at <= $1
+      AND NOT EXISTS (SELECT 1 FROM queue_pauses AS p WHERE p.domain = r.domain OR p.tenant_id = r.tenant_id)
+    ORDER BY r.next_attempt_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED
+), suppressed AS (
+    UPDATE recipients AS r SET state = 'suppressed', updated_at = $1
+    FROM due WHERE r.id = due.id AND due.suppressed
+    RETURNING r.id, r.message_id, r.tenant_id
+), suppressed_events AS (
+    INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply)
+    SELECT $1, 'suppressed', tenant_id, message_id, id, 'suppressed after it was queued' FROM suppressed
 )
 UPDATE recipients AS r
 SET state = 'active', lease_owner = $3, lease_expires_at = $1 + make_interval(secs => $4), updated_at = $1
 FROM due, messages AS m
-WHERE r.id = due.id AND m.id = r.message_id
+WHERE r.id = due.id AND NOT due.suppressed AND m.id = r.message_id
 RETURNING r.id, r.message_id, m.queue_id, r.tenant_id, m.mail_from, r.address, r.domain, r.attempts,
-          r.queued_at, r.lease_expires_at;
+          r.queued_at, r.lease_expires_at, m.class, m.list_id;
 
 -- record_outcomes --
 -- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing.
@@ -38,7 +71,8 @@ WITH outcome AS (
         AS o (recipient_id, state, next_attempt_at, code, enhanced, reply, site, mx_host, tls_version, duration_ms)
 ), finished AS (
     UPDATE recipients AS r
-    SET state = o.state, attempts = r.attempts + 1, lease_owner = NULL, lease_expires_at = NULL,
+    SET state = o.state, attempts = r.attempts + CASE WHEN o.state = 'cancelled' THEN 0 ELSE 1 END,
+        lease_owner = NULL, lease_expires_at = NULL,
         next_attempt_at = coalesce(o.next_attempt_at, r.next_attempt_at),
         last_code = o.code, last_enhanced = o.enhanced, last_reply = o.reply, updated_at = $8
     FROM outcome AS o
@@ -232,3 +266,91 @@ DELETE FROM site_status WHERE (node = $1 AND updated_at < $2) OR updated_at < $3
 SELECT node, site, provider, health, concurrency, in_flight, pending, rate_scale, dead_until, last_error, updated_at
 FROM site_status WHERE updated_at > $1
 ORDER BY health <> 'healthy' DESC, pending + in_flight DESC, site LIMIT $2;
+
+-- unsubscribe --
+-- One transaction: the suppression, the cancelling of the address's still-queued marketing mail (of that list,
+-- or of every list when $3 is ''), the events, and a NOTIFY so delivering nodes drop copies already leased.
+WITH target AS (
+    SELECT r.tenant_id, lower(r.address) AS address, r.message_id FROM recipients AS r
+    WHERE r.id = $1 AND r.tenant_id = $2
+), added AS (
+    INSERT INTO suppressions (tenant_id, address, list_id, reason, source)
+    SELECT tenant_id, address, $3, 'unsubscribed', $4 FROM target
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), cancelled AS (
+    UPDATE recipients AS r SET state = 'cancelled', updated_at = $5
+    FROM target AS t, messages AS m
+    WHERE r.tenant_id = t.tenant_id AND lower(r.address) = t.address AND r.state IN ('queued', 'deferred')
+      AND m.id = r.message_id AND m.class = 'marketing' AND ($3 = '' OR m.list_id = $3)
+    RETURNING r.id, r.message_id, r.tenant_id
+), cancelled_events AS (
+    INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
+    SELECT $5, 'cancelled', tenant_id, message_id, id, 'recipient unsubscribed', $4 FROM cancelled
+), notified AS (
+    SELECT pg_notify('mtad_suppressed', t.tenant_id || ' ' || t.address) FROM target AS t
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
+SELECT $5, 'unsubscribed', t.tenant_id, t.message_id, $1,
+       CASE WHEN $3 = '' THEN 'from all marketing mail' ELSE 'from list ' || $3 END, $4
+FROM target AS t, (SELECT count(*) FROM notified) AS n
+RETURNING (SELECT count(*) FROM cancelled) AS cancelled;
+
+-- recipient_for_token --
+-- What an unsubscribe token points at: the recipient, its tenant, its message's class and list.
+SELECT r.id, r.tenant_id, r.address, m.class, m.list_id, t.name AS tenant
+FROM recipients AS r JOIN messages AS m ON m.id = r.message_id JOIN tenants AS t ON t.id = r.tenant_id
+WHERE r.id = $1 AND r.tenant_id = $2;
+
+-- suppress_address --
+-- A hard bounce, complaint or operator entry (tenant-wide); cancels the address's pending mail of every
+-- class it applies to, and tells delivering nodes.
+WITH added AS (
+    INSERT INTO suppressions (tenant_id, address, list_id, reason, source, detail)
+    VALUES ($1, lower($2), '', $3, $4, $5)
+    ON CONFLICT DO NOTHING
+    RETURNING tenant_id, address
+), cancelled AS (
+    UPDATE recipients AS r SET state = 'cancelled', updated_at = $6
+    WHERE r.tenant_id = $1 AND lower(r.address) = lower($2) AND r.state IN ('queued', 'deferred')
+    RETURNING r.id, r.message_id, r.tenant_id
+), cancelled_events AS (
+    INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
+    SELECT $6, 'cancelled', tenant_id, message_id, id, 'address suppressed: ' || $3, $4 FROM cancelled
+)
+SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM cancelled) AS cancelled,
+       (SELECT count(*) FROM (SELECT pg_notify('mtad_suppressed', $1 || ' ' || lower($2))) AS n) AS notified;
+
+-- unsuppress_address --
+-- An operator lifts a suppression (all reasons, or one).
+DELETE FROM suppressions WHERE tenant_id = $1 AND address = lower($2) AND ($3::text IS NULL OR reason = $3)
+RETURNING id;
+
+-- list_suppressions --
+-- A tenant's suppressions, for operators (and export).
+SELECT address, list_id, reason, source, created_at FROM suppressions
+WHERE tenant_id = $1 ORDER BY created_at, address;
+
+-- record_feedback_event --
+-- An event about a recipient from mail that came back (DSN, complaint, auto-reply).
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, code, enhanced, reply, category, source)
+SELECT $1, $2, r.tenant_id, r.message_id, r.id, $3, $4, $5, $6, $7 FROM recipients AS r WHERE r.id = $8
+RETURNING id;
+
+-- events_by_recipient --
+-- `mtad events --recipient`: everything that happened to one address (optionally one tenant), newest last.
+SELECT e.at, e.kind, t.name AS tenant, m.queue_id, r.address, e.code, e.enhanced, e.reply, e.category, e.source,
+       e.site, e.mx_host
+FROM events AS e JOIN recipients AS r ON r.id = e.recipient_id JOIN messages AS m ON m.id = e.message_id
+JOIN tenants AS t ON t.id = e.tenant_id
+WHERE lower(r.address) = lower($1) AND ($2::text IS NULL OR t.name = $2)
+ORDER BY e.at, e.id LIMIT $3;
+
+-- events_by_message --
+-- `mtad events --message`: everything that happened to one message's recipients.
+SELECT e.at, e.kind, t.name AS tenant, m.queue_id, r.address, e.code, e.enhanced, e.reply, e.category, e.source,
+       e.site, e.mx_host
+FROM events AS e JOIN messages AS m ON m.id = e.message_id JOIN tenants AS t ON t.id = e.tenant_id
+LEFT JOIN recipients AS r ON r.id = e.recipient_id
+WHERE m.queue_id = $1
+ORDER BY e.at, e.id LIMIT $2;

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from mtad.db.queries import queries
-from mtad.model import Claim, Reply, RecipientState, Submission, can_transition
+from mtad.model import Claim, MessageClass, Reply, RecipientState, Submission, can_transition
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Outcome:
     """What one attempt ended in, for one recipient."""
 
     recipient_id: int
-    state: RecipientState  # delivered, deferred, bounced or expired
+    state: RecipientState  # delivered, deferred, bounced, expired, or cancelled (unsubscribed before the attempt)
     reply: Reply | None
     next_attempt_at: datetime | None = None  # required for deferred
     site: str | None = None
@@ -57,8 +57,9 @@ class QueueStore:
         self._pool = pool
         self._sql = queries()
 
-    async def insert_submission(self, submission: Submission) -> None:
-        await self._pool.execute(
+    async def insert_submission(self, submission: Submission) -> dict[str, str]:
+        """Store the message; returns the recipients stored as suppressed, with the reason."""
+        rows = await self._pool.fetch(
             self._sql["insert_submission"],
             submission.queue_id,
             submission.tenant_id,
@@ -70,7 +71,10 @@ class QueueStore:
             submission.body,
             [r.address for r in submission.recipients],
             [r.domain for r in submission.recipients],
+            submission.message_class.value,
+            submission.list_id,
         )
+        return {row["address"]: row["suppressed_because"] for row in rows}
 
     async def claim(self, owner: str, limit: int, lease_s: float, now: datetime) -> list[Claim]:
         rows = await self._pool.fetch(self._sql["claim_due"], now, limit, owner, lease_s)
@@ -86,6 +90,8 @@ class QueueStore:
                 attempts=row["attempts"],
                 queued_at=row["queued_at"],
                 lease_expires_at=row["lease_expires_at"],
+                message_class=MessageClass(row["class"]),
+                list_id=row["list_id"],
             )
             for row in rows
         ]

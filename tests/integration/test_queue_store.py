@@ -129,7 +129,7 @@ async def test_an_outcome_must_be_a_legal_transition():
     with pytest.raises(ValueError):
         Outcome(1, RecipientState.DEFERRED, OK)  # no retry time
     with pytest.raises(ValueError):
-        Outcome(1, RecipientState.CANCELLED, None)
+        Outcome(1, RecipientState.SUPPRESSED, None)
 
 
 async def test_release_gives_leases_back_without_counting_an_attempt(pool):
