@@ -32,7 +32,11 @@ from mtad.ingest.server import SubmissionListeners
 from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
 from mtad.observe.logs import log_event
+from mtad.deliver.copy import CopyMaker, FeedbackAddressing
 from mtad.deliver.message_cache import MessageCache
+from mtad.feedback.secret import load_or_create_key
+from mtad.feedback.store import FeedbackStore
+from mtad.feedback.unsubscribe_page import UnsubscribeEndpoint
 from mtad.deliver.resolver import RouteResolver, parse_static_routes
 from mtad.policy.shaping import ShapingRules, parse_shaping
 from mtad.queue.claimer import Claimer
@@ -43,6 +47,7 @@ from mtad.schedule.runner import DeliveryRunner
 from mtad.sign.dkim import DkimSigner
 from mtad.sign.keys import load_key_directory
 from mtad.tenants.store import TenantStore
+from mtad.web.server import HttpServer
 
 log = logging.getLogger("mtad.app")
 
@@ -72,6 +77,13 @@ def node_name(settings: Settings) -> str:
     return f"{settings.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+def unsubscribe_base_url(settings: Settings) -> str:
+    """The configured public base, else the first HTTP listener (development only: not https)."""
+    if settings.feedback.unsubscribe_url:
+        return settings.feedback.unsubscribe_url
+    return f"http://{settings.http.listen[0]}/u/" if settings.http.listen else "http://localhost/u/"
+
+
 def database_url(settings: Settings) -> str:
     cluster = embedded_cluster(settings)
     return cluster.url() if cluster else settings.database.url
@@ -88,6 +100,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.runner: DeliveryRunner | None = None
+        self.http: HttpServer | None = None
         self.shaping = load_shaping(settings)
 
     async def start(self) -> None:
@@ -105,9 +118,15 @@ class Daemon:
             await check_schema(conn)
         store = QueueStore(self.pool)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
+        self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
         if settings.delivery.enabled:
             self.runner = self._build_runner(store, url)
             self.runner.start()
+        if settings.http.listen:
+            clock = lambda: datetime.now(timezone.utc)  # noqa: E731
+            endpoint = UnsubscribeEndpoint(FeedbackStore(self.pool), self.feedback_key, clock)
+            self.http = HttpServer(settings.http.listen, endpoint.routes())
+            await self.http.start()
         self._tls = self._load_tls(settings)
         self.handler = SubmissionHandler(
             settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
@@ -124,7 +143,7 @@ class Daemon:
     def _build_runner(self, store: QueueStore, url: str) -> DeliveryRunner:
         settings = self.settings
         delivery = settings.delivery
-        wakeup = QueueWakeup(lambda: connect(url, settings.database))
+        wakeup = QueueWakeup(lambda: connect(url, settings.database), on_suppressed=lambda p: runner.suppressed(p))
         self._tasks.append(asyncio.create_task(wakeup.run(), name="queue-listener"))
         owner = node_name(settings)
         clock = lambda: datetime.now(timezone.utc)  # noqa: E731
@@ -136,6 +155,10 @@ class Daemon:
             static_routes=parse_static_routes(delivery.routes, delivery.smtp_port),
         )
         keys = load_key_directory(settings.dkim_key_path) if settings.dkim_key_path.is_dir() else {}
+        self.signer = DkimSigner(keys) if keys else None
+        addressing = FeedbackAddressing(
+            self.feedback_key, settings.feedback.bounce_domain.lower(), unsubscribe_base_url(settings)
+        )
         claimer = Claimer(
             store,
             wakeup,
@@ -145,17 +168,19 @@ class Daemon:
             poll_interval_s=settings.queue.poll_interval,
             clock=clock,
         )
-        return DeliveryRunner(
+        runner = DeliveryRunner(
             store=store,
             claimer=claimer,
             resolver=resolver,
             shaping=lambda: self.shaping,
-            messages=MessageCache(store, DkimSigner(keys) if keys else None),
+            messages=MessageCache(store),
+            copies=CopyMaker(addressing, lambda: self.signer),
             writer=OutcomeWriter(store, owner, clock),
             settings=delivery,
             ehlo_name=delivery.ehlo_name or settings.hostname,
             lease_s=settings.queue.lease,
         )
+        return runner
 
     def _load_tls(self, settings: Settings) -> ssl.SSLContext:
         submission = settings.submission
@@ -209,8 +234,9 @@ class Daemon:
             log_event(log, "config.tls_reload_failed", logging.ERROR, error=str(exc))
         self.settings = new
         self.shaping = shaping
-        if self.runner is not None and new.dkim_key_path.is_dir():
-            self.runner.messages.signer = DkimSigner(load_key_directory(new.dkim_key_path))
+        if new.dkim_key_path.is_dir():
+            keys = load_key_directory(new.dkim_key_path)
+            self.signer = DkimSigner(keys) if keys else None
         self.handler.apply_settings(new.submission)
         self.verifier.forget()
         log_event(log, "config.reloaded")
@@ -227,6 +253,8 @@ class Daemon:
                 log_event(log, "daemon.transactions_cut", logging.WARNING, sessions=cut)
         if self.runner is not None:
             await self.runner.stop(self.settings.shutdown_grace)
+        if self.http is not None:
+            await self.http.stop()
         systemd.notify("STOPPING=1")
         for task in self._tasks:
             task.cancel()

@@ -106,6 +106,23 @@ class DkimSettings:
 
 
 @dataclass(frozen=True)
+class FeedbackSettings:
+    """Mail coming back and unsubscribes: the inbound listener, VERP, List-Unsubscribe."""
+
+    listen: tuple[str, ...] = ()  # inbound SMTP for DSNs, complaints and mailto unsubscribes (port 25 behind MX)
+    bounce_domain: str = ""  # VERP return-path domain, MX pointing at `listen`; empty: no VERP, no mailto link
+    unsubscribe_url: str = ""  # public base of one-click links, e.g. "https://unsub.example.net/u/"
+    secret_file: str = ""  # HMAC key shared by all nodes; empty: state_dir/feedback.key (generated)
+    fbl_local_parts: tuple[str, ...] = ("fbl", "abuse")  # @bounce_domain addresses that take ARF reports
+    bounce_rules_file: str = ""  # empty: config/bounce_rules.toml of this installation
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: tuple[str, ...] = ("127.0.0.1:8025",)  # unsubscribe pages (and later metrics, health)
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -121,6 +138,8 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property

@@ -56,6 +56,7 @@ class Tenant:
     id: int
     name: str
     domains: frozenset[str]
+    default_class: MessageClass = MessageClass.MARKETING
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mtad.cli.database import operator_connection
 from mtad.config import Settings
+from mtad.model import MessageClass
 from mtad.policy.addresses import AddressError, to_ascii_domain
 from mtad.tenants.passwords import hash_password
 from mtad.tenants.store import TenantError, TenantStore
@@ -30,6 +31,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         source.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
         cmd.set_defaults(handler=run_add if name == "add" else run_passwd)
     actions.add_parser("list", help="list tenants and domains").set_defaults(handler=run_list)
+    default_class = actions.add_parser(
+        "class", help="the class of a tenant's mail when it sends no X-Mtad-Class header (default marketing)"
+    )
+    default_class.add_argument("name")
+    default_class.add_argument("message_class", choices=[c.value for c in MessageClass])
+    default_class.set_defaults(handler=run_default_class)
     actions.add_parser("demo", help="create the demo tenant if missing and print its credentials").set_defaults(
         handler=run_demo
     )
@@ -86,10 +93,19 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
     async def show(store: TenantStore) -> int:
         for row in await store.list_tenants():
             state = " (disabled)" if row["disabled"] else ""
-            print(f"{row['name']}{state}: {', '.join(row['domains']) or '-'}")
+            print(f"{row['name']}{state} [{row['default_class']}]: {', '.join(row['domains']) or '-'}")
         return 0
 
     return _run(settings, show)
+
+
+def run_default_class(settings: Settings, args: argparse.Namespace) -> int:
+    async def change(store: TenantStore) -> int:
+        await store.set_default_class(args.name, MessageClass(args.message_class))
+        print(f"mail of {args.name} without X-Mtad-Class is {args.message_class}")
+        return 0
+
+    return _run(settings, change)
 
 
 def run_domain(settings: Settings, args: argparse.Namespace) -> int:

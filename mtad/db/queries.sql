@@ -121,11 +121,11 @@ RETURNING recipient_id;
 
 -- load_message --
 -- The stored message for delivery: envelope sender and body.
-SELECT id, queue_id, tenant_id, mail_from, smtputf8, body FROM messages WHERE id = $1;
+SELECT id, queue_id, tenant_id, mail_from, smtputf8, body, class, list_id FROM messages WHERE id = $1;
 
 -- tenant_by_name --
 -- One tenant with its password hash and sending domains, for AUTH and trusted networks.
-SELECT t.id, t.name, t.password_hash, t.disabled,
+SELECT t.id, t.name, t.password_hash, t.disabled, t.default_class,
        coalesce(array_agg(d.domain ORDER BY d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains
 FROM tenants AS t LEFT JOIN tenant_domains AS d ON d.tenant_id = t.id
 WHERE t.name = $1
@@ -139,9 +139,13 @@ INSERT INTO tenants (name, password_hash) VALUES ($1, $2) RETURNING id;
 -- Replace a tenant's password hash.
 UPDATE tenants SET password_hash = $2 WHERE name = $1 RETURNING id;
 
+-- set_tenant_default_class --
+-- The class a tenant's mail has when it sends no X-Mtad-Class header.
+UPDATE tenants SET default_class = $2 WHERE name = $1 RETURNING id;
+
 -- list_tenants --
 -- Every tenant with its sending domains, for operators.
-SELECT t.id, t.name, t.disabled, t.created_at,
+SELECT t.id, t.name, t.disabled, t.created_at, t.default_class,
        coalesce(array_agg(d.domain ORDER BY d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains
 FROM tenants AS t LEFT JOIN tenant_domains AS d ON d.tenant_id = t.id
 GROUP BY t.id ORDER BY t.name;
@@ -288,7 +292,7 @@ WITH target AS (
     INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
     SELECT $5, 'cancelled', tenant_id, message_id, id, 'recipient unsubscribed', $4 FROM cancelled
 ), notified AS (
-    SELECT pg_notify('mtad_suppressed', t.tenant_id || ' ' || t.address) FROM target AS t
+    SELECT pg_notify('mtad_suppressed', t.tenant_id || ' unsubscribed ' || t.address) FROM target AS t
 )
 INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
 SELECT $5, 'unsubscribed', t.tenant_id, t.message_id, $1,
@@ -319,7 +323,8 @@ WITH added AS (
     SELECT $6, 'cancelled', tenant_id, message_id, id, 'address suppressed: ' || $3, $4 FROM cancelled
 )
 SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM cancelled) AS cancelled,
-       (SELECT count(*) FROM (SELECT pg_notify('mtad_suppressed', $1 || ' ' || lower($2))) AS n) AS notified;
+       (SELECT count(*) FROM (SELECT pg_notify('mtad_suppressed', $1 || ' ' || $3 || ' ' || lower($2))) AS n)
+           AS notified;
 
 -- unsuppress_address --
 -- An operator lifts a suppression (all reasons, or one).

@@ -35,6 +35,7 @@ from mtad.policy.admission import (
 )
 from mtad.policy.ip_privacy import mask_ip
 from mtad.policy.login_throttle import LoginThrottle
+from mtad.policy.message_class import classify_message, strip_control_headers
 from mtad.policy.message_text import from_addresses, header_fields, normalize_line_endings, split_message, trace_headers
 from mtad.policy.queue_id import make_queue_id
 from mtad.queue.store import QueueStore
@@ -132,11 +133,15 @@ class SubmissionHandler:
 
     async def handle_DATA(self, server, session: SubmissionSession, envelope: SubmissionEnvelope):
         content = normalize_line_endings(envelope.original_content or b"")
-        header_block, _ = split_message(content)
+        header_block, body = split_message(content)
         fields = header_fields(header_block)
         refusal = admit_content(session.tenant, from_header_domains(from_addresses(fields)))
         if refusal is not None:
             return refusal.reply
+        kind = classify_message(fields, session.tenant.default_class)
+        if isinstance(kind, Refusal):
+            return kind.reply
+        content = strip_control_headers(header_block) + body
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
         queue_id = make_queue_id(int(now.timestamp() * 1000), secrets.randbits(32))
         trace = trace_headers(
@@ -156,9 +161,11 @@ class SubmissionHandler:
             client_ip=mask_ip(_peer_ip(session)),
             received_at=now,
             smtputf8=envelope.smtp_utf8,
+            message_class=kind.message_class,
+            list_id=kind.list_id,
         )
         try:
-            await self.store.insert_submission(submission)
+            suppressed = await self.store.insert_submission(submission)
         except DATABASE_UNAVAILABLE as exc:
             log_event(log, "submission.store_failed", tenant=session.tenant.name, error=type(exc).__name__)
             return QUEUE_UNAVAILABLE
@@ -168,9 +175,18 @@ class SubmissionHandler:
             queue_id=queue_id,
             tenant=session.tenant.name,
             recipients=len(submission.recipients),
+            suppressed=len(suppressed),
+            message_class=kind.message_class.value,
             size=len(submission.body),
             client=submission.client_ip,
         )
+        if suppressed:
+            # Accepted, stored as suppressed, never attempted: the class that decides whether an unsubscribe
+            # applies is only known now, after DATA, so RCPT could not refuse them.
+            return (
+                f"250 2.0.0 Ok: queued as {queue_id}; {len(suppressed)} of {len(submission.recipients)} "
+                f"recipients suppressed ({', '.join(sorted(set(suppressed.values())))})"
+            )
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

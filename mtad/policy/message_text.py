@@ -78,3 +78,23 @@ def trace_headers(
     if "date" not in names:
         lines.append(f"Date: {date}\r\n")
     return "".join(lines).encode("ascii")
+
+
+def without_fields(
+    header_block: bytes, names: tuple[str, ...] = (), matcher: re.Pattern[bytes] | None = None
+) -> bytes:
+    """The header block without the fields named (lower case) or matched, continuation lines included."""
+    kept: list[bytes] = []
+    dropping = False
+    for line in header_block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        name = _HEADER_NAME.match(line)
+        dropping = bool(
+            name and (name.group(1).decode("ascii").lower() in names or (matcher and matcher.match(line)))
+        )
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept)

@@ -50,6 +50,8 @@ class StoredMessage:
     mail_from: str
     smtputf8: bool
     body: bytes
+    message_class: MessageClass = MessageClass.MARKETING
+    list_id: str = ""
 
 
 class QueueStore:
@@ -168,4 +170,9 @@ class QueueStore:
 
     async def load_message(self, message_id: int) -> StoredMessage | None:
         row = await self._pool.fetchrow(self._sql["load_message"], message_id)
-        return StoredMessage(**dict(row)) if row else None
+        if row is None:
+            return None
+        fields = dict(row)
+        return StoredMessage(
+            message_class=MessageClass(fields.pop("class")), list_id=fields.pop("list_id"), **fields
+        )

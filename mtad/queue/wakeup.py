@@ -13,12 +13,18 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 CHANNEL = "mtad_queue"
+SUPPRESSED_CHANNEL = "mtad_suppressed"  # "<tenant_id> <reason> <address>": drop leased copies at once
 log = logging.getLogger("mtad.queue.wakeup")
 
 
 class QueueWakeup:
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        on_suppressed: Callable[[str], None] | None = None,
+    ) -> None:
         self._connect = connect
+        self._on_suppressed = on_suppressed
         self._event = asyncio.Event()
         self.listening = False
 
@@ -45,6 +51,9 @@ class QueueWakeup:
                 conn = await self._connect()
                 conn.add_termination_listener(lambda _conn: lost.set())
                 await conn.add_listener(CHANNEL, lambda *_args: self._event.set())
+                if self._on_suppressed is not None:
+                    on_suppressed = self._on_suppressed
+                    await conn.add_listener(SUPPRESSED_CHANNEL, lambda _c, _p, _ch, payload: on_suppressed(payload))
                 self.listening = True
                 backoff_s = 0.5
                 self._event.set()  # anything queued while we were not listening is due now

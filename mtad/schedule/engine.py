@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -80,7 +81,9 @@ class SiteState:
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, one_recipient_per_transaction: Callable[[Claim], bool] = lambda claim: False) -> None:
+        """`one_recipient_per_transaction`: copies that differ per recipient (List-Unsubscribe, VERP)."""
+        self._one_recipient = one_recipient_per_transaction
         self._sites: dict[str, _Site] = {}
         self._rotation: deque[str] = deque()
         self._ids = itertools.count(1)
@@ -125,7 +128,7 @@ class Scheduler:
     def _take_dispatch(self, name: str, site: _Site) -> Dispatch:
         first = site.pending.popleft()
         claims = [first.claim]
-        limit = site.shape.limits.max_recipients_per_transaction
+        limit = 1 if self._one_recipient(first.claim) else site.shape.limits.max_recipients_per_transaction
         while (
             site.pending
             and len(claims) < limit
@@ -136,11 +139,14 @@ class Scheduler:
         site.in_flight += 1
         return Dispatch(next(self._ids), name, site.shape, first.route, first.claim.message_id, tuple(claims))
 
-    def finish(self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None) -> None:
-        """The attempt is over and its outcomes recorded; its recipients are no longer held."""
+    def finish(
+        self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, held: int | None = None
+    ) -> None:
+        """The attempt is over and its outcomes recorded; its recipients are no longer held.
+        `held`: how many the dispatch had when it was taken, if the caller dropped some before the attempt."""
         site = self._sites[dispatch.site]
         site.in_flight -= 1
-        self.held -= len(dispatch.claims)
+        self.held -= len(dispatch.claims) if held is None else held
         if feedback is Feedback.DELIVERED:
             site.window.on_success(now)
         elif feedback is Feedback.SESSION_FAILED:
@@ -148,9 +154,13 @@ class Scheduler:
         elif feedback is Feedback.THROTTLED:
             site.window.on_throttled(now, error or "throttled")
 
-    def put_back(self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None) -> None:
-        """The attempt never reached the recipients (no session): they wait again, first in line."""
+    def put_back(
+        self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, dropped: int = 0
+    ) -> None:
+        """The attempt never reached the recipients (no session): they wait again, first in line.
+        `dropped`: recipients the caller took out of the dispatch (and recorded) before trying."""
         site = self._sites[dispatch.site]
+        self.held -= dropped
         site.pending.extendleft(_Waiting(c, dispatch.route, now) for c in reversed(dispatch.claims))
         site.in_flight -= 1  # still held: `held` does not change
         if feedback is Feedback.SESSION_FAILED:

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from mtad.config import DeliverySettings
 from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.deliver.connection import SessionFailure, Timeouts
+from mtad.deliver.copy import CopyMaker
 from mtad.deliver.message_cache import MessageCache
 from mtad.deliver.pool import ConnectionPool
 from mtad.deliver.resolver import RouteResolver
@@ -31,6 +32,7 @@ from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
 from mtad.observe.logs import log_event
 from mtad.policy.outcome import next_state
+from mtad.policy.recent_suppressions import RecentSuppressions
 from mtad.policy.shaping import ShapingRules
 from mtad.queue.claimer import Claimer
 from mtad.queue.outcome_writer import OutcomeWriter
@@ -53,6 +55,7 @@ class DeliveryRunner:
         resolver: RouteResolver,
         shaping: Callable[[], ShapingRules],
         messages: MessageCache,
+        copies: CopyMaker,
         writer: OutcomeWriter,
         settings: DeliverySettings,
         ehlo_name: str,
@@ -63,12 +66,14 @@ class DeliveryRunner:
         self.resolver = resolver
         self.shaping = shaping
         self.messages = messages
+        self.copies = copies
         self.writer = writer
+        self.recent_suppressions = RecentSuppressions(ttl_s=lease_s * 2)
         self.settings = settings
         self.lease_s = lease_s
         self.timeouts = Timeouts(settings.connect_timeout, settings.command_timeout, settings.data_timeout)
         self.pool = ConnectionPool(ehlo_name=ehlo_name, timeouts=self.timeouts)
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(copies.one_recipient_per_copy)
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._deliveries: set[asyncio.Task] = set()
@@ -185,27 +190,41 @@ class DeliveryRunner:
         except DATABASE_UNAVAILABLE:
             pass  # the leases expire and are reclaimed
 
+    def suppressed(self, payload: str) -> None:
+        """NOTIFY mtad_suppressed: an unsubscribe or a hard bounce just now, maybe for a copy we hold."""
+        self.recent_suppressions.add(payload, time.monotonic())
+
     async def _deliver(self, dispatch: Dispatch) -> None:
         started = time.monotonic()
+        dropped = [c for c in dispatch.claims if self.recent_suppressions.blocks(c, started)]
+        if dropped:  # they left after we leased them: no attempt, ever
+            await self.writer.record([Outcome(c.recipient_id, RecipientState.CANCELLED, None) for c in dropped])
+            dispatch = dataclasses.replace(dispatch, claims=tuple(c for c in dispatch.claims if c not in dropped))
+            if not dispatch.claims:
+                self.scheduler.finish(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), held=len(dropped))
+                self._room.set()
+                self._wake.set()
+                return
         try:
             message = await self.messages.get(dispatch.message_id)
         except DATABASE_UNAVAILABLE:
-            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic())
+            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=len(dropped))
             self._wake.set()
             return
+        copy = self.copies.make(message, dispatch.claims[0])
         try:
             conn = await self.pool.acquire(dispatch.shape, dispatch.route)
         except SessionFailure as failure:
             feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
-            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure))
+            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=len(dropped))
             log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
             self._wake.set()
             return
         result = await run_transaction(
             conn,
-            message.mail_from,
+            copy.mail_from,
             [(c.recipient_id, c.address) for c in dispatch.claims],
-            message.data,
+            copy.data,
             smtputf8=message.smtputf8,
             timeouts=self.timeouts,
             throttle_patterns=self.shaping().throttle_patterns,
@@ -226,7 +245,7 @@ class DeliveryRunner:
             feedback, error = Feedback.DELIVERED, None
         else:
             feedback, error = Feedback.RECIPIENT_ONLY, None
-        self.scheduler.finish(dispatch, feedback, time.monotonic(), error)
+        self.scheduler.finish(dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + len(dropped))
         self._room.set()
         self._wake.set()
 

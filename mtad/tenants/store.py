@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from mtad.db.queries import queries
-from mtad.model import Tenant
+from mtad.model import MessageClass, Tenant
 
 
 class TenantError(ValueError):
@@ -30,7 +30,12 @@ class TenantStore:
         row = await self._pool.fetchrow(self._sql["tenant_by_name"], name)
         if row is None:
             return None
-        tenant = Tenant(id=row["id"], name=row["name"], domains=frozenset(row["domains"]))
+        tenant = Tenant(
+            id=row["id"],
+            name=row["name"],
+            domains=frozenset(row["domains"]),
+            default_class=MessageClass(row["default_class"]),
+        )
         return TenantCredentials(tenant=tenant, password_hash=row["password_hash"], disabled=row["disabled"])
 
     async def insert_tenant(self, name: str, password_hash: str) -> int:
@@ -43,6 +48,10 @@ class TenantStore:
 
     async def set_tenant_password(self, name: str, password_hash: str) -> None:
         if await self._pool.fetchval(self._sql["set_tenant_password"], name, password_hash) is None:
+            raise TenantError(f"no tenant named {name}")
+
+    async def set_default_class(self, name: str, message_class: MessageClass) -> None:
+        if await self._pool.fetchval(self._sql["set_tenant_default_class"], name, message_class.value) is None:
             raise TenantError(f"no tenant named {name}")
 
     async def list_tenants(self) -> list[asyncpg.Record]:

@@ -38,6 +38,7 @@ def daemon_document(db_url: str, state_dir: Path, **submission: object) -> dict:
         "submission": {"listen": ["127.0.0.1:0"], "implicit_tls_listen": ["127.0.0.1:0"], **submission},
         "queue": {"reclaim_interval": "1s"},
         "delivery": {"enabled": False},  # submission tests look at the queue; delivery tests switch it on
+        "http": {"listen": ["127.0.0.1:0"]},
     }
 
 

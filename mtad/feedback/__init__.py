@@ -1,0 +1,1 @@
+"""Mail coming back: DSNs, complaints (ARF), auto-replies, mailto unsubscribes."""

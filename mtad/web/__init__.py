@@ -1,0 +1,1 @@
+"""The HTTP listener: unsubscribe pages now; metrics and health checks share it."""
