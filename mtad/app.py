@@ -77,11 +77,14 @@ def node_name(settings: Settings) -> str:
     return f"{settings.hostname}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def unsubscribe_base_url(settings: Settings) -> str:
-    """The configured public base, else the first HTTP listener (development only: not https)."""
+def unsubscribe_base_url(settings: Settings, http: HttpServer | None) -> str:
+    """The configured public base, else the first HTTP listener as bound (development only: not https)."""
     if settings.feedback.unsubscribe_url:
         return settings.feedback.unsubscribe_url
-    return f"http://{settings.http.listen[0]}/u/" if settings.http.listen else "http://localhost/u/"
+    if http is not None and http.bound:
+        host, port = http.bound[0]
+        return f"http://{host}:{port}/u/"
+    return f"http://{settings.hostname}/u/"
 
 
 def database_url(settings: Settings) -> str:
@@ -119,14 +122,14 @@ class Daemon:
         store = QueueStore(self.pool)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
         self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
-        if settings.delivery.enabled:
-            self.runner = self._build_runner(store, url)
-            self.runner.start()
         if settings.http.listen:
             clock = lambda: datetime.now(timezone.utc)  # noqa: E731
             endpoint = UnsubscribeEndpoint(FeedbackStore(self.pool), self.feedback_key, clock)
             self.http = HttpServer(settings.http.listen, endpoint.routes())
             await self.http.start()
+        if settings.delivery.enabled:
+            self.runner = self._build_runner(store, url)
+            self.runner.start()
         self._tls = self._load_tls(settings)
         self.handler = SubmissionHandler(
             settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
@@ -157,7 +160,7 @@ class Daemon:
         keys = load_key_directory(settings.dkim_key_path) if settings.dkim_key_path.is_dir() else {}
         self.signer = DkimSigner(keys) if keys else None
         addressing = FeedbackAddressing(
-            self.feedback_key, settings.feedback.bounce_domain.lower(), unsubscribe_base_url(settings)
+            self.feedback_key, settings.feedback.bounce_domain.lower(), unsubscribe_base_url(settings, self.http)
         )
         claimer = Claimer(
             store,

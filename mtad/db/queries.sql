@@ -292,7 +292,9 @@ WITH target AS (
     INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
     SELECT $5, 'cancelled', tenant_id, message_id, id, 'recipient unsubscribed', $4 FROM cancelled
 ), notified AS (
-    SELECT pg_notify('mtad_suppressed', t.tenant_id || ' unsubscribed ' || t.address) FROM target AS t
+    SELECT pg_notify('mtad_suppressed', t.tenant_id || ' unsubscribed ' || CASE WHEN $3 = '' THEN '*' ELSE $3 END
+                                        || ' ' || t.address)
+    FROM target AS t
 )
 INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
 SELECT $5, 'unsubscribed', t.tenant_id, t.message_id, $1,
@@ -323,7 +325,7 @@ WITH added AS (
     SELECT $6, 'cancelled', tenant_id, message_id, id, 'address suppressed: ' || $3, $4 FROM cancelled
 )
 SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM cancelled) AS cancelled,
-       (SELECT count(*) FROM (SELECT pg_notify('mtad_suppressed', $1 || ' ' || $3 || ' ' || lower($2))) AS n)
+       (SELECT count(*) FROM (SELECT pg_notify('mtad_suppressed', $1 || ' ' || $3 || ' * ' || lower($2))) AS n)
            AS notified;
 
 -- unsuppress_address --

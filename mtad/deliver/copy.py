@@ -1,8 +1,8 @@
 """The copy that goes on the wire: envelope sender, List-Unsubscribe headers, DKIM signatures.
 
 - Marketing mail gets, per recipient, `List-Unsubscribe: <https://…/u/TOKEN>, <mailto:u-TOKEN@bounce-domain>`
-  and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058), replacing any the tenant wrote, so the
-  link that works is mtad's own. They are added before signing, so DKIM covers them (h= lists them).
+  and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 8058); ingest removed any the tenant wrote, so
+  the link is mtad's own, which works. They are added before signing, so DKIM covers them (h= lists them).
 - With a bounce domain configured the envelope sender is a VERP address naming the recipient row
   (`b-TOKEN@bounce-domain`), so a bounce that comes back later is tied to exactly one recipient.
 - Transactional mail is the same for every recipient: it is signed once per message and the signed bytes
@@ -21,7 +21,7 @@ from typing import Protocol
 from mtad.model import Claim, MessageClass
 from mtad.observe.logs import log_event
 from mtad.policy.feedback_token import UNSUBSCRIBE, make_token, verp_address
-from mtad.policy.message_text import from_addresses, header_fields, split_message, without_fields
+from mtad.policy.message_text import from_addresses, header_fields, split_message
 from mtad.queue.store import StoredMessage
 
 log = logging.getLogger("mtad.deliver")
@@ -82,8 +82,7 @@ class CopyMaker:
             f"List-Unsubscribe: {', '.join(targets)}\r\n"
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
         ).encode("ascii")
-        header_block, body = split_message(message.body)
-        return added + without_fields(header_block, ("list-unsubscribe", "list-unsubscribe-post")) + body
+        return added + message.body
 
     def _sign(self, data: bytes) -> bytes:
         signer = self._signer()

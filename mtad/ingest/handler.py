@@ -35,7 +35,7 @@ from mtad.policy.admission import (
 )
 from mtad.policy.ip_privacy import mask_ip
 from mtad.policy.login_throttle import LoginThrottle
-from mtad.policy.message_class import classify_message, strip_control_headers
+from mtad.policy.message_class import classify_message, strip_owned_headers
 from mtad.policy.message_text import from_addresses, header_fields, normalize_line_endings, split_message, trace_headers
 from mtad.policy.queue_id import make_queue_id
 from mtad.queue.store import QueueStore
@@ -141,7 +141,7 @@ class SubmissionHandler:
         kind = classify_message(fields, session.tenant.default_class)
         if isinstance(kind, Refusal):
             return kind.reply
-        content = strip_control_headers(header_block) + body
+        content = strip_owned_headers(header_block) + body
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
         queue_id = make_queue_id(int(now.timestamp() * 1000), secrets.randbits(32))
         trace = trace_headers(

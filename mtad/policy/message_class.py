@@ -7,7 +7,8 @@ Out: `ClassDecision(message_class, list_id)` or a `Refusal` for a control header
   maintenance notices) gets no List-Unsubscribe and is exempt from unsubscribes, never from hard bounces.
 - `X-Mtad-List: NAME`, else the `List-Id` header (RFC 2919, the part in angle brackets), names the list an
   unsubscribe applies to; without one an unsubscribe covers all of the tenant's marketing mail.
-`X-Mtad-*` fields are mtad's own: `strip_control_headers` removes them before the message is stored.
+`X-Mtad-*` fields are mtad's own, and so is List-Unsubscribe (mtad adds a working one to marketing mail and
+transactional mail must not carry one): `strip_owned_headers` removes them before the message is stored.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def list_identity(mtad_list: str | None, list_id_header: str | None) -> str:
     return _LIST_ID_SAFE.sub("", raw)[:200].lower()
 
 
-def strip_control_headers(header_block: bytes) -> bytes:
-    """Remove X-Mtad-* fields (continuation lines included) from a CRLF header block."""
-    if b"x-mtad-" not in header_block.lower():
+OWNED_FIELDS = ("list-unsubscribe", "list-unsubscribe-post")
+
+
+def strip_owned_headers(header_block: bytes) -> bytes:
+    """Remove X-Mtad-* and List-Unsubscribe(-Post) fields (continuation lines included)."""
+    lowered = header_block.lower()
+    if b"x-mtad-" not in lowered and b"list-unsubscribe" not in lowered:
         return header_block
-    return without_fields(header_block, matcher=_CONTROL_FIELD)
+    return without_fields(header_block, OWNED_FIELDS, matcher=_CONTROL_FIELD)

@@ -36,7 +36,9 @@ def test_tenant_lifecycle_from_the_command_line(config):
     assert added.returncode == 0, added.stderr
     assert mtad(config, "tenant", "domain", "add", "initech", "Initech.Example").returncode == 0
     listing = mtad(config, "tenant", "list")
-    assert "initech: initech.example" in listing.stdout
+    assert "initech [marketing]: initech.example" in listing.stdout
+    assert mtad(config, "tenant", "class", "initech", "transactional").returncode == 0
+    assert "initech [transactional]" in mtad(config, "tenant", "list").stdout
     again = mtad(config, "tenant", "add", "initech", "--password-stdin", stdin="a long enough password\n")
     assert again.returncode == 1 and "exists already" in again.stderr
     short = mtad(config, "tenant", "add", "other", "--password-stdin", stdin="short\n")
