@@ -46,7 +46,10 @@ DEFAULT_RULES_PATH = Path(__file__).resolve().parents[2] / "config" / "bounce_ru
 
 _DSN_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _ORIGINAL_TYPES = ("message/rfc822", "message/global", "text/rfc822-headers", "message/global-headers")
-_KEPT_HEADERS = ("message-id", "return-path", "from", "to", "subject", "date", "list-id", "x-hmxmroriginalrecipient")
+_KEPT_HEADERS = (  # of the returned original; List-Unsubscribe carries mtad's per-recipient token
+    "message-id", "return-path", "from", "to", "subject", "date", "list-id", "list-unsubscribe",
+    "x-hmxmroriginalrecipient",
+)
 _MAIL_SYSTEM_LOCAL_PARTS = {"mailer-daemon", "mailerdaemon", "mail-daemon", "postmaster"}
 _MAIL_SYSTEM_NAME = re.compile(r"mail delivery (system|subsystem)|mailer-daemon|postmaster", re.IGNORECASE)
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply")
@@ -80,7 +83,7 @@ _SIGNATURES = (  # phrases mail systems write in bounces that are not DSNs, and 
 )
 _ORIGINAL_CUT = re.compile(
     r"^[ \t]*-+ ?(This is a copy of the message|Below this line is a copy of the message|Original message"
-    r"|The original message|Message headers follow)|^Original message headers:",
+    r"|The original message|Message headers follow)[^\n]*|^Original message headers:[^\n]*",
     re.IGNORECASE | re.MULTILINE,
 )
 _ADDRESS = r"[^\s<>@\"(),;:\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,250}[A-Za-z0-9])?"
@@ -328,14 +331,17 @@ def _dsn_verdict(msg: Message, parts: list[Message], dsn: Message, rules: Bounce
     reports = [_dsn_recipient(block, rules) for block in blocks[:MAX_PARTS]]
     recipients = tuple(report for report in reports if report is not None)
     original = _original_message(parts)
-    reason = f"delivery status notification (RFC 3464) from {per_message.get('reporting-mta') or 'an MTA'}"
+    reporter = _without_type(per_message.get("reporting-mta")) or "an MTA"
+    reason = f"delivery status notification (RFC 3464) from {reporter}"
     if not recipients:  # a report without usable recipient fields: read its human-readable part instead
         text_verdict = _text_bounce_verdict(msg, parts, rules, from_mail_system=True)
         recipients, reason = text_verdict.recipients, f"{reason}, no recipient fields; {text_verdict.reason}"
     return FeedbackVerdict(
         kind="bounce",
         recipients=recipients,
-        original_message_id=_header(original, "message-id") or _gmail_original_id(per_message),
+        original_message_id=(
+            _header(original, "message-id") or _gmail_original_id(per_message) or _in_reply_to(msg)
+        ),
         original_envelope_from=_address(_header(original, "return-path"))
         or _address(per_message.get("x-postfix-sender"))
         or _first_address(_header(msg, "to")),
@@ -355,8 +361,8 @@ def _dsn_recipient(block: dict[str, str], rules: BounceRules) -> RecipientReport
     if recipient is None:
         return None
     status = (_BARE_STATUS.search(block.get("status", "")) or [None, None])[1]
-    diagnostic = _without_type(block.get("diagnostic-code")) or None
-    code, enhanced, text = split_reply(diagnostic or "")
+    code, enhanced, text = split_reply(_without_type(block.get("diagnostic-code")))
+    diagnostic = _one_line(code, enhanced, text)
     status = status or enhanced
     action = (block.get("action", "").split() or [""])[0].lower()
     if action not in ACTIONS:
@@ -367,10 +373,15 @@ def _dsn_recipient(block: dict[str, str], rules: BounceRules) -> RecipientReport
         action=action,
         status=status,
         diagnostic=diagnostic,
-        remote_mta=_without_type(block.get("remote-mta")).rstrip(".") or None,
+        remote_mta=(_without_type(block.get("remote-mta")).split() or [""])[0].rstrip(".") or None,
         category=verdict.category,
         hard=verdict.hard and action == "failed",
     )
+
+
+def _one_line(code: int | None, enhanced: str | None, text: str) -> str | None:
+    """The reply as one line, multi-line prefixes gone: "550 5.1.1 The email account ... does not exist"."""
+    return " ".join(str(part) for part in (code, enhanced, text) if part)[:1000] or None
 
 
 def _without_type(value: str | None) -> str:
@@ -399,7 +410,9 @@ def _complaint_verdict(parts: list[Message], report: Message) -> FeedbackVerdict
         complained_recipient=recipient,
         feedback_type=feedback_type.lower() if feedback_type else None,
         original_message_id=_header(original, "message-id") or None,
-        original_envelope_from=_address(fields.get("original-mail-from")) or _address(_header(original, "return-path")),
+        original_envelope_from=(
+            _address(fields.get("original-mail-from")) or _address(_header(original, "return-path"))
+        ),
         original_headers=_original_headers(original),
         reason=f"feedback report (RFC 5965 ARF), Feedback-Type {feedback_type or 'missing'}, from {agent}"[:300],
     )
@@ -437,15 +450,17 @@ def _text_bounce_verdict(
     if original is None and copy.strip():
         original = email.message_from_string(copy.lstrip(" -\r\n")[:MAX_TEXT_CHARS], policy=compat32)
     envelope_from = _address(_header(original, "return-path")) or _first_address(_header(msg, "to"))
+    # the envelope sender, the original's From and the mail system itself are never the failed recipient
     ignored = {a.lower() for a in (envelope_from, _first_address(_header(original, "from"))) if a}
     recipients, how = _text_recipients(report, ignored, _first_address(_header(original, "to")), rules)
     why = f"non-DSN bounce ({signature or 'mail system'} text{how})" if recipients else None
     if not recipients and not (from_mail_system or signature):
-        return FeedbackVerdict(kind="unknown", reason=f"bounce-like subject but no recipient in the text: {subject!r}"[:200])
+        why = f"bounce-like subject but no recipient in the text: {subject!r}"
+        return FeedbackVerdict(kind="unknown", reason=why[:200])
     return FeedbackVerdict(
         kind="bounce",
         recipients=recipients,
-        original_message_id=_header(original, "message-id") or None,
+        original_message_id=_header(original, "message-id") or _in_reply_to(msg),
         original_envelope_from=envelope_from,
         original_headers=_original_headers(original),
         reason=why or f"non-DSN bounce ({signature or 'mail system'} text) naming no recipient",
@@ -460,7 +475,7 @@ def _text_recipients(
     report = report[:MAX_TEXT_CHARS]
     marks = [(m.start(), m.group(1)) for m in _ADDRESS_LINE.finditer(report)]
     marks += [(m.start(), m.group(1) or m.group(2)) for m in _ADDRESS_INLINE.finditer(report)]
-    marks = sorted((start, address) for start, address in marks if address.lower() not in ignored)
+    marks = sorted((start, address) for start, address in marks if not _is_ignored(address, ignored))
     blocks: dict[str, list[str]] = {}
     for index, (start, address) in enumerate(marks[:MAX_PARTS]):
         end = marks[index + 1][0] if index + 1 < len(marks) else len(report)
@@ -468,24 +483,32 @@ def _text_recipients(
     how = ""
     if not blocks and original_to and _reply_in(report):
         blocks, how = {original_to.lower(): [original_to, report]}, ", recipient from the returned message's To"
-    delayed = bool(_DELAYED.search(report)) and not _PERMANENT.search(report)
-    return tuple(_text_recipient(v[0], "\n".join(v[1:]), delayed, rules) for v in blocks.values()), how
+    permanent = bool(_PERMANENT.search(report))
+    delayed = bool(_DELAYED.search(report)) and not permanent
+    return tuple(_text_recipient(v[0], "\n".join(v[1:]), delayed, permanent, rules) for v in blocks.values()), how
 
 
-def _text_recipient(address: str, block: str, delayed: bool, rules: BounceRules) -> RecipientReport:
+def _is_ignored(address: str, ignored: set[str]) -> bool:
+    lower = address.lower()
+    return lower in ignored or lower.split("@", 1)[0] in _MAIL_SYSTEM_LOCAL_PARTS
+
+
+def _text_recipient(address: str, block: str, delayed: bool, permanent: bool, rules: BounceRules) -> RecipientReport:
     reply = _reply_in(block)
     if reply is None:
         lines = [line.strip() for line in block.split("\n")[1:] if line.strip()]
         diagnostic = " ".join(lines[:4])[:300] or None
         code, enhanced, text = None, None, diagnostic or ""
     else:
-        diagnostic = reply
         code, enhanced, text = split_reply(reply)
+        diagnostic = _one_line(code, enhanced, text)
     found = _QMAIL_STATUS.search(block) or _BARE_STATUS.search(block)
     status = enhanced or (found.group(1) if found else None)
     remote = _REMOTE_HOST.search(block)
     action = "delayed" if delayed else "failed"
     verdict = classify_reply(rules, code, status, text)
+    # words alone ("Unrouteable address") are hard only where the report calls the failure permanent
+    definite = code is not None or status is not None or permanent
     return RecipientReport(
         recipient=address,
         action=action,
@@ -493,7 +516,7 @@ def _text_recipient(address: str, block: str, delayed: bool, rules: BounceRules)
         diagnostic=diagnostic,
         remote_mta=next((g for g in remote.groups() if g), None) if remote else None,
         category=verdict.category,
-        hard=verdict.hard and action == "failed",
+        hard=verdict.hard and action == "failed" and definite,
     )
 
 

@@ -162,6 +162,7 @@ def split_reply(reply: str) -> tuple[int | None, str | None, str]:
             return None, None, " ".join(reply.split())
         return None, bare.group("enhanced"), " ".join(bare.group("text").split())
     code, enhanced, text = match.group("code"), match.group("enhanced"), match.group("text")
-    prefix = rf"{code}[ -]{re.escape(enhanced)}(?=\s|$)" if enhanced else rf"{code}-"
-    text = re.sub(rf"(?:^|\s){prefix}", " ", text)
+    if reply.lstrip()[3:4] == "-":  # multi-line: every line repeats the code (and the enhanced code)
+        prefix = rf"{code}[ -]{re.escape(enhanced)}(?=\s|$)" if enhanced else rf"{code}[ -]"
+        text = re.sub(rf"(?:^|\s){prefix}", " ", text)
     return int(code), enhanced, " ".join(text.split())
