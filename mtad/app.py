@@ -28,12 +28,15 @@ from mtad.db.migrate import check_schema, migrate
 from mtad.db.pool import DATABASE_UNAVAILABLE, create_pool
 from mtad.ingest.credentials import CredentialVerifier
 from mtad.ingest.handler import SHUTTING_DOWN, SubmissionHandler
-from mtad.ingest.server import SubmissionListeners
+from mtad.ingest.protocol import SubmissionSMTP
+from mtad.ingest.server import SubmissionListeners, parse_listen_address
 from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
 from mtad.observe.logs import log_event
 from mtad.deliver.copy import CopyMaker, FeedbackAddressing
 from mtad.deliver.message_cache import MessageCache
+from mtad.feedback.inbound import MAX_FEEDBACK_BYTES, FeedbackHandler
+from mtad.feedback.parse import load_bounce_rules
 from mtad.feedback.secret import load_or_create_key
 from mtad.feedback.store import FeedbackStore
 from mtad.feedback.unsubscribe_page import UnsubscribeEndpoint
@@ -104,6 +107,8 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self.runner: DeliveryRunner | None = None
         self.http: HttpServer | None = None
+        self.feedback_servers: list[asyncio.Server] = []
+        self._feedback_sessions: set = set()
         self.shaping = load_shaping(settings)
 
     async def start(self) -> None:
@@ -130,6 +135,8 @@ class Daemon:
         if settings.delivery.enabled:
             self.runner = self._build_runner(store, url)
             self.runner.start()
+        if settings.feedback.listen:
+            await self._start_feedback_listener(settings)
         self._tls = self._load_tls(settings)
         self.handler = SubmissionHandler(
             settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
@@ -184,6 +191,37 @@ class Daemon:
             lease_s=settings.queue.lease,
         )
         return runner
+
+    async def _start_feedback_listener(self, settings: Settings) -> None:
+        rules_file = settings.feedback.bounce_rules_file
+        handler = FeedbackHandler(
+            store=FeedbackStore(self.pool),
+            key=self.feedback_key,
+            bounce_domain=settings.feedback.bounce_domain,
+            fbl_local_parts=settings.feedback.fbl_local_parts,
+            rules=load_bounce_rules(Path(rules_file) if rules_file else None),
+            clock=lambda: datetime.now(timezone.utc),
+        )
+        loop = asyncio.get_running_loop()
+        for address in settings.feedback.listen:
+            host, port = parse_listen_address(address)
+            self.feedback_servers.append(
+                await loop.create_server(
+                    lambda: SubmissionSMTP(
+                        handler,
+                        registry=self._feedback_sessions,
+                        hostname=settings.hostname,
+                        ident="ESMTP mtad",
+                        data_size_limit=MAX_FEEDBACK_BYTES,
+                        enable_SMTPUTF8=True,
+                        decode_data=False,
+                        timeout=settings.submission.idle_timeout,
+                    ),
+                    host,
+                    port,
+                    reuse_address=True,
+                )
+            )
 
     def _load_tls(self, settings: Settings) -> ssl.SSLContext:
         submission = settings.submission
@@ -254,6 +292,10 @@ class Daemon:
             cut = await self.listeners.drain(self.settings.shutdown_grace, SHUTTING_DOWN)
             if cut:
                 log_event(log, "daemon.transactions_cut", logging.WARNING, sessions=cut)
+        for server in self.feedback_servers:
+            server.close()
+        for session in list(self._feedback_sessions):
+            session.close_with(SHUTTING_DOWN)
         if self.runner is not None:
             await self.runner.stop(self.settings.shutdown_grace)
         if self.http is not None:

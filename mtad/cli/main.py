@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mtad.cli import database, dkim, queue, tenants
+from mtad.cli import bounce, database, dkim, events, queue, suppress, tenants
 from mtad.config import ConfigError, find_config_path, load_settings
 
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     tenants.add_commands(commands)
     queue.add_commands(commands)
     dkim.add_commands(commands)
+    bounce.add_commands(commands)
+    suppress.add_commands(commands)
+    events.add_commands(commands)
     return parser
 
 

@@ -76,7 +76,7 @@ class FeedbackStore:
             self._sql["record_feedback_event"],
             now,
             kind,
-            reply.code if reply else None,
+            reply.code if reply and reply.code else None,
             reply.enhanced if reply else None,
             reply.text if reply else None,
             category,

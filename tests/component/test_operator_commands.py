@@ -155,3 +155,31 @@ async def test_pause_parks_a_domain_resume_and_retry_make_it_due_and_cancel_need
     assert refused.returncode == 1 and "refusing" in refused.stderr
     assert "cancel: QP1: 1 recipients" in mtad(config, "queue", "cancel", "--queue-id", "QP1").stdout
     assert await pool.fetchval("SELECT state FROM recipients WHERE address = 'x@paused.example'") == "cancelled"
+
+
+async def test_suppress_add_list_export_import_remove_and_events(db_url, tenants, pool, config, tmp_path):
+    from datetime import datetime, timezone
+
+    from mtad.model import EnvelopeRecipient, Submission
+    from mtad.queue.store import QueueStore
+
+    tenant_id = await pool.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
+    await QueueStore(pool).insert_submission(
+        Submission("QS1", tenant_id, "a@acme.example", (EnvelopeRecipient("Gone@x.example", "x.example"),),
+                   b"From: a@acme.example\r\n\r\nx\r\n", "127.0.0.0", datetime.now(timezone.utc))
+    )
+    added = mtad(config, "suppress", "add", "--tenant", "acme", "gone@x.example", "not-an-address")
+    assert "suppressed 1 addresses for acme; 1 pending recipients cancelled" in added.stdout
+    assert "skipped" in added.stderr
+    assert "gone@x.example  manual" in mtad(config, "suppress", "list", "--tenant", "acme").stdout
+    assert mtad(config, "suppress", "list", "--tenant", "globex").stdout == ""  # another tenant sees nothing
+    exported = mtad(config, "suppress", "export", "--tenant", "acme").stdout
+    assert exported.splitlines()[0] == "address,list,reason,source,created_at"
+    (tmp_path / "list.csv").write_text(exported)
+    imported = mtad(config, "suppress", "import", "--tenant", "globex", str(tmp_path / "list.csv"))
+    assert "suppressed 1 addresses for globex" in imported.stdout
+    assert "removed 1" in mtad(config, "suppress", "remove", "--tenant", "acme", "gone@x.example").stdout
+    events = mtad(config, "events", "--message", "QS1")
+    assert "cancelled" in events.stdout and "address suppressed: manual" in events.stdout
+    by_recipient = json.loads(mtad(config, "events", "--recipient", "GONE@x.example", "--json").stdout)
+    assert [e["kind"] for e in by_recipient] == ["cancelled"]

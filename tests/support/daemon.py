@@ -162,9 +162,13 @@ def write_shaping(path: Path, default: dict | None = None, **sections: dict) -> 
     return path
 
 
-async def start_delivering(db_url: str, state_dir: Path, world, shaping_path: Path, **delivery: object) -> Daemon:
+async def start_delivering(
+    db_url: str, state_dir: Path, world, shaping_path: Path, feedback: dict | None = None, **delivery: object
+) -> Daemon:
     document = daemon_document(db_url, state_dir)
     document["delivery"] = delivery_document(world, shaping_path, **delivery)
+    if feedback:
+        document["feedback"] = feedback
     document["queue"] = {"reclaim_interval": "1s", "poll_interval": "200ms", "lease": "30s"}
     daemon = Daemon(parse_settings(document, {}), None)
     await daemon.start()
