@@ -127,6 +127,8 @@ class Daemon:
         store = QueueStore(self.pool)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
         self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
+        rules_file = settings.feedback.bounce_rules_file
+        self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
         if settings.http.listen:
             clock = lambda: datetime.now(timezone.utc)  # noqa: E731
             endpoint = UnsubscribeEndpoint(FeedbackStore(self.pool), self.feedback_key, clock)
@@ -189,17 +191,17 @@ class Daemon:
             settings=delivery,
             ehlo_name=delivery.ehlo_name or settings.hostname,
             lease_s=settings.queue.lease,
+            bounce_rules=self.bounce_rules,
         )
         return runner
 
     async def _start_feedback_listener(self, settings: Settings) -> None:
-        rules_file = settings.feedback.bounce_rules_file
         handler = FeedbackHandler(
             store=FeedbackStore(self.pool),
             key=self.feedback_key,
             bounce_domain=settings.feedback.bounce_domain,
             fbl_local_parts=settings.feedback.fbl_local_parts,
-            rules=load_bounce_rules(Path(rules_file) if rules_file else None),
+            rules=self.bounce_rules,
             clock=lambda: datetime.now(timezone.utc),
         )
         loop = asyncio.get_running_loop()

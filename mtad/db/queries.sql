@@ -65,10 +65,12 @@ RETURNING r.id, r.message_id, m.queue_id, r.tenant_id, m.mail_from, r.address, r
 
 -- record_outcomes --
 -- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing.
+-- A hard bounce (the address itself is bad) suppresses the address for the tenant in the same statement.
 WITH outcome AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
-                         $9::text[], $10::text[], $11::text[], $12::integer[])
-        AS o (recipient_id, state, next_attempt_at, code, enhanced, reply, site, mx_host, tls_version, duration_ms)
+                         $9::text[], $10::text[], $11::text[], $12::integer[], $13::text[], $14::boolean[])
+        AS o (recipient_id, state, next_attempt_at, code, enhanced, reply, site, mx_host, tls_version, duration_ms,
+              category, hard)
 ), finished AS (
     UPDATE recipients AS r
     SET state = o.state, attempts = r.attempts + CASE WHEN o.state = 'cancelled' THEN 0 ELSE 1 END,
@@ -77,12 +79,17 @@ WITH outcome AS (
         last_code = o.code, last_enhanced = o.enhanced, last_reply = o.reply, updated_at = $8
     FROM outcome AS o
     WHERE r.id = o.recipient_id AND r.state = 'active' AND r.lease_owner = $1
-    RETURNING r.id, r.message_id, r.tenant_id, r.state, o.code, o.enhanced, o.reply, o.site, o.mx_host,
-              o.tls_version, o.duration_ms
+    RETURNING r.id, r.message_id, r.tenant_id, r.address, r.state, o.code, o.enhanced, o.reply, o.site, o.mx_host,
+              o.tls_version, o.duration_ms, o.category, o.hard
+), hard_bounces AS (
+    INSERT INTO suppressions (tenant_id, address, list_id, reason, source, detail)
+    SELECT DISTINCT tenant_id, lower(address), '', 'hard_bounce', 'smtp', code || ' ' || coalesce(enhanced, '')
+    FROM finished WHERE state = 'bounced' AND hard
+    ON CONFLICT DO NOTHING
 )
 INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, code, enhanced, reply, site, mx_host,
-                    tls_version, duration_ms)
-SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply, site, mx_host, tls_version, duration_ms
+                    tls_version, duration_ms, category)
+SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply, site, mx_host, tls_version, duration_ms, category
 FROM finished
 RETURNING recipient_id;
 

@@ -34,6 +34,8 @@ class Outcome:
     mx_host: str | None = None
     tls_version: str | None = None
     duration_ms: int | None = None
+    category: str | None = None  # bounce category of the reply (policy.bounce_rules)
+    hard: bool = False  # a hard bounce: the address is suppressed for the tenant
 
     def __post_init__(self) -> None:
         if not can_transition(RecipientState.ACTIVE, self.state) or self.state is RecipientState.QUEUED:
@@ -116,6 +118,8 @@ class QueueStore:
             [o.mx_host for o in outcomes],
             [o.tls_version for o in outcomes],
             [o.duration_ms for o in outcomes],
+            [o.category for o in outcomes],
+            [o.hard for o in outcomes],
         )
         return {row["recipient_id"] for row in rows}
 

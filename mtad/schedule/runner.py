@@ -31,6 +31,7 @@ from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
 from mtad.observe.logs import log_event
+from mtad.policy.bounce_rules import BounceRules, classify_reply
 from mtad.policy.outcome import next_state
 from mtad.policy.recent_suppressions import RecentSuppressions
 from mtad.policy.shaping import ShapingRules
@@ -60,7 +61,9 @@ class DeliveryRunner:
         settings: DeliverySettings,
         ehlo_name: str,
         lease_s: float,
+        bounce_rules: BounceRules = BounceRules(),
     ) -> None:
+        self.bounce_rules = bounce_rules
         self.store = store
         self.claimer = claimer
         self.resolver = resolver
@@ -260,6 +263,9 @@ class DeliveryRunner:
             jitter_fraction=self.settings.retry_jitter,
             random_unit=random.random(),
         )
+        verdict = None if state is RecipientState.DELIVERED else classify_reply(
+            self.bounce_rules, reply.code, reply.enhanced, reply.text
+        )
         return Outcome(
             claim.recipient_id,
             state,
@@ -269,6 +275,8 @@ class DeliveryRunner:
             mx_host=mx_host,
             tls_version=tls_version,
             duration_ms=duration_ms,
+            category=verdict.category if verdict else None,
+            hard=bool(verdict and verdict.hard and state is RecipientState.BOUNCED),
         )
 
     async def _housekeeping(self) -> None:

@@ -164,22 +164,36 @@ async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants
 
 async def test_450_defers_and_retries_550_bounces_null_mx_bounces_at_once(db_url, tenants, pool, world, tmp_path, shaping):
     world.sinks["mx-a"].behaviour = SinkBehaviour(
-        recipient_replies={"later@a.example": "450 4.2.0 mailbox busy", "gone@a.example": "550 5.1.1 no such user"}
+        recipient_replies={
+            "later@a.example": "450 4.2.0 mailbox busy",
+            "gone@a.example": "550 5.1.1 no such user",
+            "blocked@a.example": "554 5.7.1 Service unavailable; client host blocked using a blocklist",
+        }
     )
     world.dns.null_mx("nomail.example")
-    await queue_messages(pool, [["later@a.example"], ["gone@a.example"], ["ok@a.example"], ["x@nomail.example"]])
+    await queue_messages(
+        pool, [["later@a.example"], ["gone@a.example"], ["ok@a.example"], ["x@nomail.example"], ["blocked@a.example"]]
+    )
     daemon = await start_delivering(
         db_url, tmp_path / "state", world, shaping, minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0
     )
     try:
-        rows = await until(lambda: _all_tried(pool, 4))
+        rows = await until(lambda: _all_tried(pool, 5))
         by_address = {r["address"]: r for r in rows}
         assert by_address["later@a.example"]["state"] == "deferred"
         assert by_address["gone@a.example"]["state"] == "bounced"
         assert by_address["gone@a.example"]["last_enhanced"] == "5.1.1"
+        suppressed = await pool.fetch("SELECT address, reason, source FROM suppressions ORDER BY address")
+        assert [tuple(r) for r in suppressed] == [  # 550 5.1.1 and a null MX are hard; 450 and 5.7.1 are not
+            ("gone@a.example", "hard_bounce", "smtp"),
+            ("x@nomail.example", "hard_bounce", "smtp"),
+        ]
+        category = await pool.fetchval("SELECT category FROM events WHERE kind = 'bounced' AND code = 550")
+        assert category == "invalid_recipient"
         assert by_address["ok@a.example"]["state"] == "delivered"
         assert by_address["x@nomail.example"]["state"] == "bounced"
         assert by_address["x@nomail.example"]["last_code"] == 556
+        assert by_address["blocked@a.example"]["state"] == "bounced"  # bounced, but a block is not her fault:
         world.sinks["mx-a"].behaviour = SinkBehaviour()  # the mailbox is no longer busy
         assert await until(
             lambda: pool.fetchval("SELECT state = 'delivered' FROM recipients WHERE address = 'later@a.example'")
