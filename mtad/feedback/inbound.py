@@ -25,6 +25,7 @@ from mtad.feedback.parse import FeedbackVerdict, parse_feedback
 from mtad.feedback.store import FeedbackStore
 from mtad.model import Reply
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import BOUNCES, COMPLAINTS, UNSUBSCRIBES
 from mtad.policy.bounce_rules import BounceRules
 from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, read_token
 
@@ -110,6 +111,7 @@ class FeedbackHandler:
         now = self._clock()
         if target.kind == "unsubscribe":
             await self._store.unsubscribe(recipient, all_lists=False, source="mailto", now=now)
+            UNSUBSCRIBES.labels("mailto").inc()
             log_event(log, "unsubscribe", tenant=recipient.tenant, source="mailto")
             return "unsubscribed"
         if verdict.kind == "complaint":
@@ -119,6 +121,7 @@ class FeedbackHandler:
             await self._store.suppress(
                 recipient.tenant_id, recipient.address, "complaint", source="arf", detail=verdict.feedback_type, now=now
             )
+            COMPLAINTS.inc()
             log_event(log, "feedback.complaint", tenant=recipient.tenant)
             return "complaint"
         if verdict.kind == "auto_reply":
@@ -137,6 +140,8 @@ class FeedbackHandler:
         await self._store.record_event(
             recipient.recipient_id, "dsn", reply=reply, category=report.category, source="dsn", now=now
         )
+        if report.action == "failed":
+            BOUNCES.labels("dsn", report.category).inc()
         if report.action == "failed" and report.hard:
             await self._store.suppress(
                 recipient.tenant_id, recipient.address, "hard_bounce", source="dsn", detail=report.status, now=now

@@ -19,6 +19,7 @@ from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.feedback.store import FeedbackStore, TokenTarget
 from mtad.model import MessageClass
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import UNSUBSCRIBES
 from mtad.policy.feedback_token import UNSUBSCRIBE, read_token
 
 log = logging.getLogger("mtad.feedback.unsubscribe")
@@ -86,6 +87,7 @@ class UnsubscribeEndpoint:
             )
         except DATABASE_UNAVAILABLE:
             return _unavailable()
+        UNSUBSCRIBES.labels(source).inc()
         log_event(log, "unsubscribe", tenant=target.tenant, source=source, cancelled=cancelled)
         return _html(200, "Unsubscribed", "<p>You will not receive this marketing mail any more.</p>")
 

@@ -31,6 +31,7 @@ from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import BOUNCES, SUPPRESSED_BEFORE_ATTEMPT
 from mtad.policy.bounce_rules import BounceRules, classify_reply
 from mtad.policy.outcome import next_state
 from mtad.policy.recent_suppressions import RecentSuppressions
@@ -201,6 +202,7 @@ class DeliveryRunner:
         started = time.monotonic()
         dropped = [c for c in dispatch.claims if self.recent_suppressions.blocks(c, started)]
         if dropped:  # they left after we leased them: no attempt, ever
+            SUPPRESSED_BEFORE_ATTEMPT.inc(len(dropped))
             await self.writer.record([Outcome(c.recipient_id, RecipientState.CANCELLED, None) for c in dropped])
             dispatch = dataclasses.replace(dispatch, claims=tuple(c for c in dispatch.claims if c not in dropped))
             if not dispatch.claims:
@@ -240,6 +242,9 @@ class DeliveryRunner:
             for c in dispatch.claims
         ]
         await self.writer.record(outcomes)
+        for outcome in outcomes:
+            if outcome.state is RecipientState.BOUNCED:
+                BOUNCES.labels("smtp", outcome.category or "other").inc()
         if result.throttled:
             feedback, error = Feedback.THROTTLED, f"{result.throttled.code} {result.throttled.text}"
         elif result.connection_lost:

@@ -54,7 +54,15 @@ async def world():
         yield world
 
 
+def metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_bounces_complaints_and_auto_replies_are_understood(db_url, tenants, pool, world, tmp_path):
+    complaints_before = metric("mtad_feedback_complaints_total")
+    dsn_invalid_before = metric("mtad_delivery_bounces_total", source="dsn", category="invalid_recipient")
     daemon = await start_delivering(
         db_url, tmp_path / "state", world, write_shaping(tmp_path / "shaping.toml"),
         feedback={"listen": ["127.0.0.1:0"], "bounce_domain": BOUNCE_DOMAIN},
@@ -96,6 +104,8 @@ async def test_bounces_complaints_and_auto_replies_are_understood(db_url, tenant
     assert ("soft@a.example", "dsn", "mailbox_full") in events
     assert ("ooo@a.example", "auto_reply", None) in events
     assert state == "suppressed"
+    assert metric("mtad_feedback_complaints_total") == complaints_before + 1
+    assert metric("mtad_delivery_bounces_total", source="dsn", category="invalid_recipient") == dsn_invalid_before + 1
 
 
 async def test_mail_to_the_mailto_unsubscribe_address_unsubscribes(db_url, tenants, pool, world, tmp_path):
@@ -117,6 +127,7 @@ async def test_mail_to_the_mailto_unsubscribe_address_unsubscribes(db_url, tenan
     finally:
         await daemon.stop()
     assert dict(row) == {"address": "leaver@a.example", "reason": "unsubscribed", "source": "mailto"}
+    assert metric("mtad_feedback_unsubscribes_total", method="mailto") >= 1
 
 
 @pytest.mark.parametrize(
