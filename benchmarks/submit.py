@@ -163,6 +163,12 @@ url = {q(db_url)}
 listen = ["127.0.0.1:0"]
 implicit_tls_listen = []
 
+[delivery]
+enabled = false  # submission alone: benchmarks/deliver.py measures the whole relay
+
+[http]
+listen = ["127.0.0.1:0"]
+
 [logging]
 format = "json"
 level = "info"

@@ -45,7 +45,7 @@ from mtad.policy.shaping import ShapingRules, parse_shaping
 from mtad.queue.claimer import Claimer
 from mtad.queue.outcome_writer import OutcomeWriter
 from mtad.queue.store import QueueStore
-from mtad.queue.wakeup import QueueWakeup
+from mtad.queue.wakeup import ArrivalSignal, QueueWakeup
 from mtad.schedule.runner import DeliveryRunner
 from mtad.sign.dkim import DkimSigner
 from mtad.sign.keys import load_key_directory
@@ -106,6 +106,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.runner: DeliveryRunner | None = None
+        self.wakeup: QueueWakeup | None = None
         self.http: HttpServer | None = None
         self.feedback_servers: list[asyncio.Server] = []
         self._feedback_sessions: set = set()
@@ -140,8 +141,13 @@ class Daemon:
         if settings.feedback.listen:
             await self._start_feedback_listener(settings)
         self._tls = self._load_tls(settings)
+        arrivals = ArrivalSignal(self.pool, self.wakeup)
         self.handler = SubmissionHandler(
-            settings=settings.submission, hostname=settings.hostname, store=store, verifier=self.verifier
+            settings=settings.submission,
+            hostname=settings.hostname,
+            store=store,
+            verifier=self.verifier,
+            on_queued=arrivals.queued,
         )
         self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
         await self.listeners.start()
@@ -156,6 +162,7 @@ class Daemon:
         settings = self.settings
         delivery = settings.delivery
         wakeup = QueueWakeup(lambda: connect(url, settings.database), on_suppressed=lambda p: runner.suppressed(p))
+        self.wakeup = wakeup
         self._tasks.append(asyncio.create_task(wakeup.run(), name="queue-listener"))
         owner = node_name(settings)
         clock = lambda: datetime.now(timezone.utc)  # noqa: E731

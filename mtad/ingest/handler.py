@@ -61,8 +61,10 @@ class SubmissionHandler:
         store: QueueStore,
         verifier: CredentialVerifier,
         wall_clock: Callable[[], float] = time.time,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.hostname = hostname
+        self._on_queued = on_queued
         self.store = store
         self.verifier = verifier
         self._clock = wall_clock
@@ -169,6 +171,7 @@ class SubmissionHandler:
         except DATABASE_UNAVAILABLE as exc:
             log_event(log, "submission.store_failed", tenant=session.tenant.name, error=type(exc).__name__)
             return QUEUE_UNAVAILABLE
+        self._on_queued()
         log_event(
             log,
             "submission.queued",

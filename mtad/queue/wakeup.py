@@ -67,3 +67,34 @@ class QueueWakeup:
                     conn.terminate()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 10.0)
+
+
+class ArrivalSignal:
+    """Mail was queued: wake this process's claimer at once, and other nodes' by a NOTIFY sent outside the
+    submission's transaction, at most once per `min_interval_s` (a hint only: they poll as well)."""
+
+    def __init__(self, pool: asyncpg.Pool, local: QueueWakeup | None, min_interval_s: float = 0.05) -> None:
+        self._pool = pool
+        self._local = local
+        self._min_interval_s = min_interval_s
+        self._sending: asyncio.Task | None = None
+        self._again = False
+
+    def queued(self) -> None:
+        if self._local is not None:
+            self._local.notify()
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send())
+        else:
+            self._again = True
+
+    async def _send(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                pass  # other nodes find the mail by polling
+            await asyncio.sleep(self._min_interval_s)
+            if not self._again:
+                return

@@ -14,7 +14,7 @@ from mtad.db.queries import queries
 from mtad.model import EnvelopeRecipient, RecipientState, Reply, Submission
 from mtad.queue.claimer import Claimer
 from mtad.queue.store import Outcome, QueueStore
-from mtad.queue.wakeup import QueueWakeup
+from mtad.queue.wakeup import ArrivalSignal, QueueWakeup
 from mtad.tenants.store import TenantStore
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=timezone.utc)
@@ -175,6 +175,7 @@ async def test_notify_wakes_a_waiting_claimer_long_before_its_poll_interval(pool
         await asyncio.sleep(0.2)
         assert not waiting.done()
         await store.insert_submission(submission(tenant, "Q1", ["a@x.example"], at=datetime.now(timezone.utc)))
+        ArrivalSignal(pool, local=None).queued()  # what another node's ingest does after storing
         claims = await asyncio.wait_for(waiting, timeout=30)  # an hour's poll interval: only NOTIFY can do this
         assert [c.address for c in claims] == ["a@x.example"]
     finally:
