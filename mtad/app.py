@@ -172,6 +172,7 @@ class Daemon:
             timeout_s=delivery.dns_timeout,
             smtp_port=delivery.smtp_port,
             static_routes=parse_static_routes(delivery.routes, delivery.smtp_port),
+            ipv6=delivery.ipv6,
         )
         keys = load_key_directory(settings.dkim_key_path) if settings.dkim_key_path.is_dir() else {}
         self.signer = DkimSigner(keys) if keys else None

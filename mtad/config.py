@@ -87,6 +87,7 @@ class DeliverySettings:
     nameservers: tuple[str, ...] = ()  # empty: the system resolver configuration
     dns_port: int = 53
     dns_timeout: Duration = 5.0
+    ipv6: bool = False  # also deliver to AAAA addresses (needs working outbound IPv6)
     shaping_file: str = ""  # empty: built-in conservative defaults only
     routes: dict[str, str] = field(default_factory=dict)  # domain or "*" -> "host:port", no MX lookup
     max_active_recipients: int = 10_000  # held in memory at once; the rest waits in PostgreSQL

@@ -3,7 +3,7 @@
 In:  a destination domain (ASCII).
 Out: `Route` (MX hosts in preference order, each with its IPv4 addresses) or `RouteFailure`:
 - NXDOMAIN, and a null MX (RFC 7505, `MX 0 .`), are permanent: the recipients bounce at once;
-- no MX record: the domain itself is the implicit MX (its A records);
+- no MX record: the domain itself is the implicit MX (its A records, and AAAA when `ipv6` is on);
 - SERVFAIL, timeouts, and MX hosts without addresses are temporary: the recipients are deferred.
 Answers (negative ones too, for a short time) are cached for their TTL, so a burst of mail to one domain
 costs one lookup.
@@ -51,7 +51,9 @@ class RouteResolver:
         timeout_s: float,
         smtp_port: int,
         static_routes: dict[str, StaticRoute],
+        ipv6: bool = False,
     ) -> None:
+        self._ipv6 = ipv6
         self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
         if nameservers:
             self._resolver.nameservers = list(nameservers)
@@ -102,12 +104,15 @@ class RouteResolver:
             return (host,)
 
         async def lookup():
-            answer = await self._query(host, "A")
-            if isinstance(answer, RouteFailure):
-                return answer, NEGATIVE_TTL_S
-            if answer is None:
-                return RouteFailure(True, Reply(550, "5.4.4", f"mail host {host} has no address")), NEGATIVE_TTL_S
-            return tuple(sorted(r.address for r in answer)), answer.rrset.ttl
+            answers = [await self._query(host, "A")] + ([await self._query(host, "AAAA")] if self._ipv6 else [])
+            found = [a for a in answers if a is not None and not isinstance(a, RouteFailure)]
+            if not found:
+                failure = next((a for a in answers if isinstance(a, RouteFailure)), None)
+                if failure is None:
+                    failure = RouteFailure(True, Reply(550, "5.4.4", f"mail host {host} has no address"))
+                return failure, NEGATIVE_TTL_S
+            addresses = tuple(r.address for answer in found for r in sorted(answer, key=lambda r: r.address))
+            return addresses, min(answer.rrset.ttl for answer in found)
 
         return await self._cached(("a", host), lookup)
 

@@ -183,3 +183,27 @@ async def test_suppress_add_list_export_import_remove_and_events(db_url, tenants
     assert "cancelled" in events.stdout and "address suppressed: manual" in events.stdout
     by_recipient = json.loads(mtad(config, "events", "--recipient", "GONE@x.example", "--json").stdout)
     assert [e["kind"] for e in by_recipient] == ["cancelled"]
+
+
+def test_db_commands_manage_the_embedded_cluster(tmp_path):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    state = Path(tempfile.mkdtemp(prefix="mtad-test-db-cli-"))
+    state.chmod(0o755)  # reachable by the postgres user when the suite runs as root
+    config = write_config(tmp_path / "embedded.toml", {"state_dir": str(state)})
+    try:
+        started = mtad(config, "db", "start")
+        assert started.returncode == 0 and started.stdout.startswith("started running"), started.stderr
+        assert mtad(config, "db", "start").stdout.startswith("already running")
+        assert mtad(config, "db", "status").returncode == 0
+        url = mtad(config, "db", "url").stdout.strip()
+        assert url.startswith("postgresql://mtad:") and str(state) in url
+        assert mtad(config, "migrate").stdout.strip().startswith("applied 0001_queue")
+        assert mtad(config, "migrate").stdout.strip() == "schema up to date"
+        assert mtad(config, "db", "stop").returncode == 0
+        assert mtad(config, "db", "status").returncode == 3
+    finally:
+        mtad(config, "db", "stop")
+        shutil.rmtree(state, ignore_errors=True)
