@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import ssl
+import time
 import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,6 +105,7 @@ class Daemon:
         self._cluster_started: EmbeddedPostgres | None = None
         self._tls: ssl.SSLContext | None = None
         self._stop_requested = asyncio.Event()
+        self._stop_requested_at = 0.0
         self._tasks: list[asyncio.Task] = []
         self.runner: DeliveryRunner | None = None
         self.wakeup: QueueWakeup | None = None
@@ -264,10 +266,16 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def request_stop(self) -> None:
+        now = time.monotonic()
         if self._stop_requested.is_set():
+            # One Ctrl-C under `make run` reaches us twice (from the terminal and from make): only a signal
+            # that comes later is an operator asking again.
+            if now - self._stop_requested_at < 1.0:
+                return
             log_event(log, "daemon.forced_exit")
             os._exit(1)
         log_event(log, "daemon.stopping")
+        self._stop_requested_at = now
         self._stop_requested.set()
 
     def reload(self) -> None:
