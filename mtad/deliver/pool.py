@@ -26,7 +26,6 @@ class ConnectionPool:
         self._idle: dict[tuple, list[OutboundConnection]] = defaultdict(list)
         self._open_per_site: dict[str, int] = defaultdict(int)
         self._connection_rate: dict[str, TokenBucket] = {}
-        self.opened_total = 0
 
     async def acquire(self, shape: SiteShape, route: Route) -> OutboundConnection:
         key = (shape.site, route.host_names, route.port, shape.limits.tls)
@@ -43,7 +42,6 @@ class ConnectionPool:
         )
         conn.key = key
         self._open_per_site[shape.site] += 1
-        self.opened_total += 1
         return conn
 
     async def _wait_for_connection_token(self, shape: SiteShape) -> None:
@@ -68,9 +66,6 @@ class ConnectionPool:
             return
         self._idle[conn.key].append(conn)
 
-    async def discard(self, site: str, conn: OutboundConnection) -> None:
-        await self._close(site, conn)
-
     async def _close(self, site: str, conn: OutboundConnection) -> None:
         self._open_per_site[site] -= 1
         await conn.close()
@@ -94,6 +89,3 @@ class ConnectionPool:
             for conn in conns:
                 await self._close(key[0], conn)
         self._idle.clear()
-
-    def open_connections(self) -> dict[str, int]:
-        return {site: count for site, count in self._open_per_site.items() if count}

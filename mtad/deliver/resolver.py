@@ -63,7 +63,6 @@ class RouteResolver:
         self._smtp_port = smtp_port
         self._static = static_routes
         self._cache: dict[tuple[str, str], tuple[float, object]] = {}
-        self.lookups: dict[str, int] = {}  # result -> count, for metrics
 
     async def route(self, domain: str) -> Route | RouteFailure:
         static = self._static.get(domain) or self._static.get("*")
@@ -120,20 +119,13 @@ class RouteResolver:
         """The answer, None for NODATA, or RouteFailure."""
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False)
-            self._count("ok")
             return answer
         except dns.resolver.NXDOMAIN:
-            self._count("nxdomain")
             return RouteFailure(True, Reply(550, "5.1.2", f"domain {name} does not exist"))
         except dns.resolver.NoAnswer:
-            self._count("nodata")
             return None
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout) as exc:
-            self._count("servfail" if isinstance(exc, dns.resolver.NoNameservers) else "timeout")
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
             return RouteFailure(False, Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed temporarily"))
-
-    def _count(self, result: str) -> None:
-        self.lookups[result] = self.lookups.get(result, 0) + 1
 
     async def _cached(self, key: tuple[str, str], compute):
         now = time.monotonic()
