@@ -168,6 +168,12 @@ class Scheduler:
         elif feedback is Feedback.THROTTLED:
             site.window.on_throttled(now, error or "throttled")
 
+    def abandon(self, dispatch: Dispatch) -> None:
+        """The attempt broke in an unexpected way: free its slot and forget its recipients (their leases
+        expire and the queue hands them out again)."""
+        self._sites[dispatch.site].in_flight -= 1
+        self.held -= len(dispatch.claims)
+
     def take_unservable(self, now: float, max_hold_s: float) -> list[HandedBack]:
         """Recipients to hand back to the queue: those of dead sites (due again when the site may be probed)
         and those held longer than `max_hold_s` (before their lease runs out and another node takes them)."""

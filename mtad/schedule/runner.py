@@ -199,6 +199,17 @@ class DeliveryRunner:
         self.recent_suppressions.add(payload, time.monotonic())
 
     async def _deliver(self, dispatch: Dispatch) -> None:
+        try:
+            await self._attempt(dispatch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not leak the site's window slot; the leases expire and are reclaimed
+            log.exception("delivery failed unexpectedly")
+            self.scheduler.abandon(dispatch)
+            self._room.set()
+            self._wake.set()
+
+    async def _attempt(self, dispatch: Dispatch) -> None:
         started = time.monotonic()
         dropped = [c for c in dispatch.claims if self.recent_suppressions.blocks(c, started)]
         if dropped:  # they left after we leased them: no attempt, ever
@@ -216,6 +227,8 @@ class DeliveryRunner:
             self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=len(dropped))
             self._wake.set()
             return
+        if message is None:
+            raise LookupError(f"message {dispatch.message_id} of leased recipients is gone")
         copy = self.copies.make(message, dispatch.claims[0])
         try:
             conn = await self.pool.acquire(dispatch.shape, dispatch.route)
