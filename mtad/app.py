@@ -33,7 +33,9 @@ from mtad.ingest.protocol import SubmissionSMTP
 from mtad.ingest.server import SubmissionListeners, parse_listen_address
 from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
+from mtad.observe.health import HealthEndpoints
 from mtad.observe.logs import log_event
+from mtad.observe.queue_gauges import keep_gauges_fresh, measure_event_loop_lag
 from mtad.deliver.copy import CopyMaker, FeedbackAddressing
 from mtad.deliver.message_cache import MessageCache
 from mtad.feedback.inbound import MAX_FEEDBACK_BYTES, FeedbackHandler
@@ -134,9 +136,14 @@ class Daemon:
         self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
         if settings.http.listen:
             clock = lambda: datetime.now(timezone.utc)  # noqa: E731
-            endpoint = UnsubscribeEndpoint(FeedbackStore(self.pool), self.feedback_key, clock)
-            self.http = HttpServer(settings.http.listen, endpoint.routes())
+            endpoint = UnsubscribeEndpoint(
+                FeedbackStore(self.pool), self.feedback_key, clock, on_unsubscribed=self._suppressed_locally
+            )
+            health = HealthEndpoints(self.pool, lambda: bool(self.listeners and self.listeners.servers))
+            self.http = HttpServer(settings.http.listen, endpoint.routes() + health.routes())
             await self.http.start()
+        self._tasks.append(asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval)))
+        self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
         if settings.delivery.enabled:
             self.runner = self._build_runner(store, url)
             self.runner.start()
@@ -204,6 +211,11 @@ class Daemon:
             bounce_rules=self.bounce_rules,
         )
         return runner
+
+    def _suppressed_locally(self, payload: str) -> None:
+        """Tell this node's deliveries at once (other nodes hear the NOTIFY a moment later)."""
+        if self.runner is not None:
+            self.runner.suppressed(payload)
 
     async def _start_feedback_listener(self, settings: Settings) -> None:
         handler = FeedbackHandler(

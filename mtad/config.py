@@ -77,6 +77,7 @@ class QueueSettings:
     claim_batch_size: int = 200
     poll_interval: Duration = 1.0
     reclaim_interval: Duration = 15.0
+    gauge_interval: Duration = 15.0  # how often the queue gauges (/metrics) are refreshed
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class OutboundConnection:
     deliveries: int = 0
     key: tuple = field(default_factory=tuple)
     idle_timeout_s: float = 30.0
+    provider: str = "other"
 
     @property
     def is_usable(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from mtad.model import Claim, MessageClass
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import DKIM_SIGN
 from mtad.policy.feedback_token import UNSUBSCRIBE, make_token, verp_address
 from mtad.policy.message_text import from_addresses, header_fields, split_message
 from mtad.queue.store import StoredMessage
@@ -94,7 +95,8 @@ class CopyMaker:
         if key_domain is None:
             return data
         try:
-            return signer.sign(data, key_domain, int(time.time())) + data
+            with DKIM_SIGN.time():
+                return signer.sign(data, key_domain, int(time.time())) + data
         except ValueError as exc:  # cannot happen for mail stored by ingest (CRLF-normalised); say so if it does
             log_event(log, "dkim.sign_failed", logging.ERROR, domain=key_domain, error=str(exc))
             return data

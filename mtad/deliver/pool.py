@@ -14,6 +14,7 @@ from collections import defaultdict
 
 from mtad.deliver.connection import OutboundConnection, Timeouts, open_connection
 from mtad.model import Route
+from mtad.observe.metrics import CONNECTIONS_OPEN, CONNECTIONS_OPENED
 from mtad.policy.rate import TokenBucket
 from mtad.policy.shaping import SiteShape
 
@@ -41,6 +42,9 @@ class ConnectionPool:
             route, shape.limits, ehlo_name=self._ehlo_name, timeouts=self._timeouts, verify_context=self._verify_context
         )
         conn.key = key
+        conn.provider = shape.provider or "other"
+        CONNECTIONS_OPENED.labels(conn.provider, conn.tls_version or "none").inc()
+        CONNECTIONS_OPEN.labels(conn.provider).inc()
         self._open_per_site[shape.site] += 1
         return conn
 
@@ -68,6 +72,7 @@ class ConnectionPool:
 
     async def _close(self, site: str, conn: OutboundConnection) -> None:
         self._open_per_site[site] -= 1
+        CONNECTIONS_OPEN.labels(conn.provider).dec()
         await conn.close()
 
     async def close_idle(self, now: float) -> None:

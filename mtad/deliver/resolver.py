@@ -22,6 +22,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mtad.model import MxHost, Reply, Route, RouteFailure
+from mtad.observe.metrics import DNS_LOOKUPS
 
 NEGATIVE_TTL_S = 60.0
 MAX_CACHE_ENTRIES = 100_000
@@ -119,12 +120,19 @@ class RouteResolver:
         """The answer, None for NODATA, or RouteFailure."""
         try:
             answer = await self._resolver.resolve(name, rdtype, search=False)
+            DNS_LOOKUPS.labels("ok").inc()
             return answer
         except dns.resolver.NXDOMAIN:
+            DNS_LOOKUPS.labels("nxdomain").inc()
             return RouteFailure(True, Reply(550, "5.1.2", f"domain {name} does not exist"))
         except dns.resolver.NoAnswer:
+            DNS_LOOKUPS.labels("nodata").inc()
             return None
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+        except dns.resolver.NoNameservers:
+            DNS_LOOKUPS.labels("servfail").inc()
+            return RouteFailure(False, Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed temporarily"))
+        except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            DNS_LOOKUPS.labels("timeout").inc()
             return RouteFailure(False, Reply(451, "4.4.3", f"DNS lookup of {name} {rdtype} failed temporarily"))
 
     async def _cached(self, key: tuple[str, str], compute):

@@ -9,7 +9,7 @@ Only replies are returned here; classifying them into outcomes is the caller's (
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -25,6 +25,7 @@ class TransactionResult:
     reusable: bool = True
     throttled: Reply | None = None
     connection_lost: bool = False
+    withdrawn: list[int] = field(default_factory=list)  # not attempted: `still_wanted` said no just before MAIL
 
 
 async def run_transaction(
@@ -36,13 +37,22 @@ async def run_transaction(
     smtputf8: bool,
     timeouts: Timeouts,
     throttle_patterns: tuple[str, ...],
+    still_wanted: Callable[[int], bool] = lambda recipient_id: True,
 ) -> TransactionResult:
+    """`still_wanted` is asked for every recipient immediately before MAIL FROM (after the RSET of a reused
+    connection), with no await in between: an unsubscribe that arrived up to that moment is honoured."""
     result = TransactionResult()
     client = conn.client
     pending = dict(recipients)
     try:
         if conn.deliveries:
             await client.rset()  # a cheap probe that the reused connection is still alive and in a clean state
+        result.withdrawn = [rid for rid, _ in recipients if not still_wanted(rid)]
+        recipients = [(rid, address) for rid, address in recipients if rid not in result.withdrawn]
+        for recipient_id in result.withdrawn:
+            del pending[recipient_id]
+        if not recipients:
+            return result
         options = []
         if smtputf8:
             if not client.supports_extension("smtputf8"):

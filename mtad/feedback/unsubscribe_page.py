@@ -39,7 +39,15 @@ def mask_address(address: str) -> str:
 
 
 class UnsubscribeEndpoint:
-    def __init__(self, store: FeedbackStore, key: bytes, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        key: bytes,
+        clock: Callable[[], datetime],
+        on_unsubscribed: Callable[[str], None] = lambda payload: None,
+    ) -> None:
+        """`on_unsubscribed` gets the NOTIFY payload at once: this node's deliveries stop before the 200."""
+        self._on_unsubscribed = on_unsubscribed
         self._store = store
         self._key = key
         self._clock = clock
@@ -87,6 +95,8 @@ class UnsubscribeEndpoint:
             )
         except DATABASE_UNAVAILABLE:
             return _unavailable()
+        scope = "*" if form.get("scope") == "all" or not target.list_id else target.list_id
+        self._on_unsubscribed(f"{target.tenant_id} unsubscribed {scope} {target.address.lower()}")
         UNSUBSCRIBES.labels(source).inc()
         log_event(log, "unsubscribe", tenant=target.tenant, source=source, cancelled=cancelled)
         return _html(200, "Unsubscribed", "<p>You will not receive this marketing mail any more.</p>")

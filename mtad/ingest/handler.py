@@ -26,6 +26,7 @@ from mtad.ingest.credentials import CredentialVerifier
 from mtad.ingest.protocol import SubmissionEnvelope, SubmissionSession, SubmissionSMTP
 from mtad.model import EnvelopeRecipient, Submission, Tenant
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import AUTH_FAILURES, SUBMISSIONS
 from mtad.policy.admission import (
     Refusal,
     admit_content,
@@ -93,6 +94,7 @@ class SubmissionHandler:
         except DATABASE_UNAVAILABLE:
             return "454 4.7.0 Temporary authentication failure; try again later"
         if tenant is None:
+            AUTH_FAILURES.inc()
             self.throttle.record_failure(client, self._clock())
             log_event(log, "auth.failed", client=mask_ip(client))
             return "535 5.7.8 Authentication credentials invalid"
@@ -112,6 +114,7 @@ class SubmissionHandler:
             return QUEUE_UNAVAILABLE
         decision = admit_sender(tenant, address, smtputf8=envelope.smtp_utf8)
         if isinstance(decision, Refusal):
+            SUBMISSIONS.labels(tenant.name if tenant else "none", "refused").inc()
             return decision.reply
         envelope.mail_from = decision.address
         envelope.mail_options.extend(options)
@@ -138,10 +141,9 @@ class SubmissionHandler:
         header_block, body = split_message(content)
         fields = header_fields(header_block)
         refusal = admit_content(session.tenant, from_header_domains(from_addresses(fields)))
-        if refusal is not None:
-            return refusal.reply
-        kind = classify_message(fields, session.tenant.default_class)
+        kind = classify_message(fields, session.tenant.default_class) if refusal is None else refusal
         if isinstance(kind, Refusal):
+            SUBMISSIONS.labels(session.tenant.name if session.tenant else "none", "refused").inc()
             return kind.reply
         content = strip_owned_headers(header_block) + body
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
@@ -170,8 +172,10 @@ class SubmissionHandler:
             suppressed = await self.store.insert_submission(submission)
         except DATABASE_UNAVAILABLE as exc:
             log_event(log, "submission.store_failed", tenant=session.tenant.name, error=type(exc).__name__)
+            SUBMISSIONS.labels(session.tenant.name, "failed").inc()
             return QUEUE_UNAVAILABLE
         self._on_queued()
+        SUBMISSIONS.labels(session.tenant.name, "accepted").inc()
         log_event(
             log,
             "submission.queued",

@@ -31,7 +31,17 @@ from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
 from mtad.observe.logs import log_event
-from mtad.observe.metrics import BOUNCES, SUPPRESSED_BEFORE_ATTEMPT
+from mtad.observe.metrics import (
+    ATTEMPTS,
+    BOUNCES,
+    DELIVERY_LATENCY,
+    SESSION_FAILURES,
+    SITE_BACKOFF,
+    SITE_IN_FLIGHT,
+    SITE_PENDING,
+    SITE_WINDOW,
+    SUPPRESSED_BEFORE_ATTEMPT,
+)
 from mtad.policy.bounce_rules import BounceRules, classify_reply
 from mtad.policy.outcome import next_state
 from mtad.policy.recent_suppressions import RecentSuppressions
@@ -209,22 +219,28 @@ class DeliveryRunner:
             self._room.set()
             self._wake.set()
 
+    async def _drop_suppressed(self, dispatch: Dispatch) -> tuple[Dispatch, int]:
+        """Take out recipients who left after we leased them (unsubscribe, hard bounce): no attempt, ever."""
+        now = time.monotonic()
+        dropped = [c for c in dispatch.claims if self.recent_suppressions.blocks(c, now)]
+        if not dropped:
+            return dispatch, 0
+        SUPPRESSED_BEFORE_ATTEMPT.inc(len(dropped))
+        await self.writer.record([Outcome(c.recipient_id, RecipientState.CANCELLED, None) for c in dropped])
+        return dataclasses.replace(dispatch, claims=tuple(c for c in dispatch.claims if c not in dropped)), len(dropped)
+
     async def _attempt(self, dispatch: Dispatch) -> None:
         started = time.monotonic()
-        dropped = [c for c in dispatch.claims if self.recent_suppressions.blocks(c, started)]
-        if dropped:  # they left after we leased them: no attempt, ever
-            SUPPRESSED_BEFORE_ATTEMPT.inc(len(dropped))
-            await self.writer.record([Outcome(c.recipient_id, RecipientState.CANCELLED, None) for c in dropped])
-            dispatch = dataclasses.replace(dispatch, claims=tuple(c for c in dispatch.claims if c not in dropped))
-            if not dispatch.claims:
-                self.scheduler.finish(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), held=len(dropped))
-                self._room.set()
-                self._wake.set()
-                return
+        dispatch, dropped = await self._drop_suppressed(dispatch)
+        if not dispatch.claims:
+            self.scheduler.finish(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), held=dropped)
+            self._room.set()
+            self._wake.set()
+            return
         try:
             message = await self.messages.get(dispatch.message_id)
         except DATABASE_UNAVAILABLE:
-            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=len(dropped))
+            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=dropped)
             self._wake.set()
             return
         if message is None:
@@ -234,10 +250,12 @@ class DeliveryRunner:
             conn = await self.pool.acquire(dispatch.shape, dispatch.route)
         except SessionFailure as failure:
             feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
-            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=len(dropped))
+            SESSION_FAILURES.labels(dispatch.shape.provider or "other", feedback.value).inc()
+            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=dropped)
             log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
             self._wake.set()
             return
+        by_id = {c.recipient_id: c for c in dispatch.claims}
         result = await run_transaction(
             conn,
             copy.mail_from,
@@ -246,18 +264,22 @@ class DeliveryRunner:
             smtputf8=message.smtputf8,
             timeouts=self.timeouts,
             throttle_patterns=self.shaping().throttle_patterns,
+            # Asked again right before MAIL FROM: loading, signing and connecting took time, and an
+            # unsubscribe may have arrived meanwhile.
+            still_wanted=lambda rid: not self.recent_suppressions.blocks(by_id[rid], time.monotonic()),
         )
+        SUPPRESSED_BEFORE_ATTEMPT.inc(len(result.withdrawn))
         max_open = self.scheduler.concurrency_of(dispatch.site, time.monotonic())
         await self.pool.release(dispatch.shape, conn, reusable=result.reusable, max_open=max_open)
         duration_ms = int((time.monotonic() - started) * 1000)
         outcomes = [
-            self._outcome(c, result.replies[c.recipient_id], dispatch, conn.mx.name, conn.tls_version, duration_ms)
+            Outcome(c.recipient_id, RecipientState.CANCELLED, None)
+            if c.recipient_id in result.withdrawn
+            else self._outcome(c, result.replies[c.recipient_id], dispatch, conn.mx.name, conn.tls_version, duration_ms)
             for c in dispatch.claims
         ]
         await self.writer.record(outcomes)
-        for outcome in outcomes:
-            if outcome.state is RecipientState.BOUNCED:
-                BOUNCES.labels("smtp", outcome.category or "other").inc()
+        self._count(dispatch, outcomes)
         if result.throttled:
             feedback, error = Feedback.THROTTLED, f"{result.throttled.code} {result.throttled.text}"
         elif result.connection_lost:
@@ -266,9 +288,21 @@ class DeliveryRunner:
             feedback, error = Feedback.DELIVERED, None
         else:
             feedback, error = Feedback.RECIPIENT_ONLY, None
-        self.scheduler.finish(dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + len(dropped))
+        self.scheduler.finish(dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + dropped)
         self._room.set()
         self._wake.set()
+
+    def _count(self, dispatch: Dispatch, outcomes: list[Outcome]) -> None:
+        provider = dispatch.shape.provider or "other"
+        wall = _utcnow()
+        for claim, outcome in zip(dispatch.claims, outcomes):
+            if outcome.state is RecipientState.CANCELLED:
+                continue  # withdrawn before MAIL FROM: not an attempt
+            ATTEMPTS.labels(provider, outcome.state.value).inc()
+            if outcome.state is RecipientState.BOUNCED:
+                BOUNCES.labels("smtp", outcome.category or "other").inc()
+            elif outcome.state is RecipientState.DELIVERED:
+                DELIVERY_LATENCY.observe((wall - claim.queued_at).total_seconds())
 
     def _outcome(self, claim, reply, dispatch=None, mx_host=None, tls_version=None, duration_ms=None) -> Outcome:
         state, retry_at = next_state(
@@ -313,6 +347,16 @@ class DeliveryRunner:
             )
             for state in self.scheduler.site_states(now)
         ]
+        for gauge in (SITE_WINDOW, SITE_IN_FLIGHT, SITE_PENDING, SITE_BACKOFF):
+            gauge.clear()  # sites this node no longer holds disappear from /metrics
+        for state in states:
+            labels = (state.provider or "other", state.site if state.provider else "other")
+            # Sites of no configured provider add up under "other": MX host names are no label values.
+            SITE_WINDOW.labels(*labels).inc(state.concurrency)
+            SITE_IN_FLIGHT.labels(*labels).inc(state.in_flight)
+            SITE_PENDING.labels(*labels).inc(state.pending)
+            for health in ("healthy", "backoff", "dead"):
+                SITE_BACKOFF.labels(*labels, health).inc(1 if state.health == health else 0)
         try:
             await self.store.publish_site_status(self.claimer.owner, states, wall)
         except DATABASE_UNAVAILABLE:

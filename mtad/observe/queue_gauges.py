@@ -1,0 +1,53 @@
+"""Queue gauges refreshed in the background (every `interval_s`), never by a scrape.
+
+Counts are exact up to `cap` per state and PostgreSQL's estimate above it, so refreshing stays cheap with a
+million queued recipients; the oldest pending age comes from an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import asyncpg
+
+from mtad.db.pool import DATABASE_UNAVAILABLE
+from mtad.db.queries import queries
+from mtad.model import RecipientState
+from mtad.observe.metrics import DB_POOL, DB_UP, EVENT_LOOP_LAG, QUEUE_OLDEST_AGE, QUEUE_RECIPIENTS
+
+# The index whose size estimates a state beyond the cap.
+_ESTIMATED_BY = {"queued": "recipients_due_idx", "deferred": "recipients_due_idx", "active": "recipients_lease_idx"}
+
+
+async def refresh_queue_gauges(pool: asyncpg.Pool, cap: int = 100_000) -> None:
+    sql = queries()
+    async with pool.acquire() as conn:
+        for state in RecipientState:
+            count = await conn.fetchval(sql["count_state_capped"], state.value, cap)
+            if count >= cap:
+                estimate = await conn.fetchval(sql["estimate_rows"], _ESTIMATED_BY.get(state.value, "recipients"))
+                count = max(count, estimate or 0)
+            QUEUE_RECIPIENTS.labels(state.value).set(count)
+        oldest = await conn.fetchval(sql["oldest_pending_queued_at"])
+    QUEUE_OLDEST_AGE.set((datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0)
+
+
+async def keep_gauges_fresh(pool: asyncpg.Pool, interval_s: float) -> None:
+    while True:
+        DB_POOL.labels("in_use").set(pool.get_size() - pool.get_idle_size())
+        DB_POOL.labels("idle").set(pool.get_idle_size())
+        try:
+            await asyncio.wait_for(refresh_queue_gauges(pool), timeout=max(1.0, interval_s))
+            DB_UP.set(1)
+        except (*DATABASE_UNAVAILABLE, asyncio.TimeoutError):
+            DB_UP.set(0)
+        await asyncio.sleep(interval_s)
+
+
+async def measure_event_loop_lag(interval_s: float = 0.5) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval_s)
+        EVENT_LOOP_LAG.set(max(0.0, loop.time() - started - interval_s))
