@@ -44,6 +44,7 @@ from mtad.feedback.secret import load_or_create_key
 from mtad.feedback.store import FeedbackStore
 from mtad.feedback.unsubscribe_page import UnsubscribeEndpoint
 from mtad.deliver.resolver import RouteResolver, parse_static_routes
+from mtad.policy.log_privacy import LogPrivacy
 from mtad.policy.shaping import ShapingRules, parse_shaping
 from mtad.queue.claimer import Claimer
 from mtad.queue.outcome_writer import OutcomeWriter
@@ -132,12 +133,19 @@ class Daemon:
         store = QueueStore(self.pool)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
         self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
+        self.privacy = LogPrivacy(
+            settings.logging.mask_client_ips, settings.logging.pseudonymise_recipients, self.feedback_key
+        )
         rules_file = settings.feedback.bounce_rules_file
         self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
         if settings.http.listen:
             clock = lambda: datetime.now(timezone.utc)  # noqa: E731
             endpoint = UnsubscribeEndpoint(
-                FeedbackStore(self.pool), self.feedback_key, clock, on_unsubscribed=self._suppressed_locally
+                FeedbackStore(self.pool),
+                self.feedback_key,
+                clock,
+                on_unsubscribed=self._suppressed_locally,
+                privacy=self.privacy,
             )
             health = HealthEndpoints(self.pool, lambda: bool(self.listeners and self.listeners.servers))
             self.http = HttpServer(settings.http.listen, endpoint.routes() + health.routes())
@@ -157,6 +165,7 @@ class Daemon:
             store=store,
             verifier=self.verifier,
             on_queued=arrivals.queued,
+            privacy=self.privacy,
         )
         self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
         await self.listeners.start()
@@ -225,6 +234,7 @@ class Daemon:
             fbl_local_parts=settings.feedback.fbl_local_parts,
             rules=self.bounce_rules,
             clock=lambda: datetime.now(timezone.utc),
+            privacy=self.privacy,
         )
         loop = asyncio.get_running_loop()
         for address in settings.feedback.listen:

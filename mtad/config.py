@@ -128,6 +128,8 @@ class HttpSettings:
 class LoggingSettings:
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    mask_client_ips: bool = True  # privacy policy: last octet (/24, IPv6 /48) zeroed in logs and events
+    pseudonymise_recipients: bool = False  # recipients in logs as a per-tenant HMAC instead of the address
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from mtad.observe.logs import log_event
 from mtad.observe.metrics import BOUNCES, COMPLAINTS, UNSUBSCRIBES
 from mtad.policy.bounce_rules import BounceRules
 from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, read_token
+from mtad.policy.log_privacy import LogPrivacy
 
 log = logging.getLogger("mtad.feedback")
 MAX_FEEDBACK_BYTES = 1024 * 1024
@@ -52,7 +53,9 @@ class FeedbackHandler:
         fbl_local_parts: tuple[str, ...],
         rules: BounceRules,
         clock: Callable[[], datetime],
+        privacy: LogPrivacy = LogPrivacy(),
     ) -> None:
+        self._privacy = privacy
         self._store = store
         self._key = key
         self._domain = bounce_domain.lower()
@@ -112,7 +115,7 @@ class FeedbackHandler:
         if target.kind == "unsubscribe":
             await self._store.unsubscribe(recipient, all_lists=False, source="mailto", now=now)
             UNSUBSCRIBES.labels("mailto").inc()
-            log_event(log, "unsubscribe", tenant=recipient.tenant, source="mailto")
+            log_event(log, "unsubscribe", tenant=recipient.tenant, source="mailto", recipient=self._who(recipient))
             return "unsubscribed"
         if verdict.kind == "complaint":
             await self._store.record_event(
@@ -122,7 +125,7 @@ class FeedbackHandler:
                 recipient.tenant_id, recipient.address, "complaint", source="arf", detail=verdict.feedback_type, now=now
             )
             COMPLAINTS.inc()
-            log_event(log, "feedback.complaint", tenant=recipient.tenant)
+            log_event(log, "feedback.complaint", tenant=recipient.tenant, recipient=self._who(recipient))
             return "complaint"
         if verdict.kind == "auto_reply":
             await self._store.record_event(
@@ -146,10 +149,16 @@ class FeedbackHandler:
             await self._store.suppress(
                 recipient.tenant_id, recipient.address, "hard_bounce", source="dsn", detail=report.status, now=now
             )
-            log_event(log, "feedback.hard_bounce", tenant=recipient.tenant, category=report.category)
+            log_event(
+                log, "feedback.hard_bounce", tenant=recipient.tenant, category=report.category,
+                recipient=self._who(recipient),
+            )
             return "hard bounce"
         log_event(log, "feedback.soft_bounce", tenant=recipient.tenant, category=report.category)
         return "soft bounce"
+
+    def _who(self, recipient) -> str:
+        return self._privacy.recipient(recipient.tenant_id, recipient.address)
 
     def _target_in_report(self, verdict: FeedbackVerdict) -> Target | None:
         """A complaint sent to the FBL address: find our VERP address or link token in the reported message."""

@@ -21,6 +21,7 @@ from mtad.model import MessageClass
 from mtad.observe.logs import log_event
 from mtad.observe.metrics import UNSUBSCRIBES
 from mtad.policy.feedback_token import UNSUBSCRIBE, read_token
+from mtad.policy.log_privacy import LogPrivacy
 
 log = logging.getLogger("mtad.feedback.unsubscribe")
 
@@ -45,7 +46,9 @@ class UnsubscribeEndpoint:
         key: bytes,
         clock: Callable[[], datetime],
         on_unsubscribed: Callable[[str], None] = lambda payload: None,
+        privacy: LogPrivacy = LogPrivacy(),
     ) -> None:
+        self._privacy = privacy
         """`on_unsubscribed` gets the NOTIFY payload at once: this node's deliveries stop before the 200."""
         self._on_unsubscribed = on_unsubscribed
         self._store = store
@@ -98,7 +101,10 @@ class UnsubscribeEndpoint:
         scope = "*" if form.get("scope") == "all" or not target.list_id else target.list_id
         self._on_unsubscribed(f"{target.tenant_id} unsubscribed {scope} {target.address.lower()}")
         UNSUBSCRIBES.labels(source).inc()
-        log_event(log, "unsubscribe", tenant=target.tenant, source=source, cancelled=cancelled)
+        log_event(
+            log, "unsubscribe", tenant=target.tenant, source=source, cancelled=cancelled,
+            recipient=self._privacy.recipient(target.tenant_id, target.address),
+        )
         return _html(200, "Unsubscribed", "<p>You will not receive this marketing mail any more.</p>")
 
 

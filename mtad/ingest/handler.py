@@ -34,7 +34,7 @@ from mtad.policy.admission import (
     admit_sender,
     from_header_domains,
 )
-from mtad.policy.ip_privacy import mask_ip
+from mtad.policy.log_privacy import LogPrivacy
 from mtad.policy.login_throttle import LoginThrottle
 from mtad.policy.message_class import classify_message, strip_owned_headers
 from mtad.policy.message_text import from_addresses, header_fields, normalize_line_endings, split_message, trace_headers
@@ -63,7 +63,9 @@ class SubmissionHandler:
         verifier: CredentialVerifier,
         wall_clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
+        privacy: LogPrivacy = LogPrivacy(),
     ) -> None:
+        self.privacy = privacy
         self.hostname = hostname
         self._on_queued = on_queued
         self.store = store
@@ -84,7 +86,7 @@ class SubmissionHandler:
             return "538 5.7.11 Encryption required for requested authentication mechanism"
         client = _peer_ip(session)
         if self.throttle.is_blocked(client, self._clock()):
-            log_event(log, "auth.throttled", client=mask_ip(client))
+            log_event(log, "auth.throttled", client=self.privacy.client_ip(client))
             return "454 4.7.0 Too many failed logins; try again later"
         login = await _read_credentials(server, args)
         if not isinstance(login, _Login):
@@ -96,12 +98,12 @@ class SubmissionHandler:
         if tenant is None:
             AUTH_FAILURES.inc()
             self.throttle.record_failure(client, self._clock())
-            log_event(log, "auth.failed", client=mask_ip(client))
+            log_event(log, "auth.failed", client=self.privacy.client_ip(client))
             return "535 5.7.8 Authentication credentials invalid"
         self.throttle.record_success(client)
         session.authenticated = True
         session.tenant = tenant
-        log_event(log, "auth.ok", tenant=tenant.name, client=mask_ip(client))
+        log_event(log, "auth.ok", tenant=tenant.name, client=self.privacy.client_ip(client))
         return "235 2.7.0 Authentication successful"
 
     # -- MAIL / RCPT / DATA -------------------------------------------------------------------------
@@ -162,7 +164,7 @@ class SubmissionHandler:
             mail_from=envelope.mail_from,
             recipients=tuple(envelope.recipients),
             body=trace + content,
-            client_ip=mask_ip(_peer_ip(session)),
+            client_ip=self.privacy.client_ip(_peer_ip(session)),
             received_at=now,
             smtputf8=envelope.smtp_utf8,
             message_class=kind.message_class,

@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 
+import aiohttp
 import pytest
 
 from mtad.db.embedded import EmbeddedPostgres
@@ -156,6 +157,9 @@ async def test_database_down_gives_451_and_nothing_is_half_written(tmp_path):
             client, _ = await RawSMTP.open(port)
             await client.authenticated("acme", PASSWORD)
             await asyncio.to_thread(cluster.stop, "immediate")
+            ready_url = "http://127.0.0.1:%d/readyz" % daemon.http.bound[0][1]
+            async with aiohttp.ClientSession() as http, http.get(ready_url) as ready:
+                assert ready.status == 503 and "database unreachable" in await ready.text()
             code, text = await client.command("MAIL FROM:<news@acme.example>")
             assert code == 250, text
             await client.command("RCPT TO:<a@example.net>")
@@ -177,6 +181,8 @@ async def test_database_down_gives_451_and_nothing_is_half_written(tmp_path):
                 await asyncio.sleep(0.2)
             assert code == 250, text
             assert await check.fetchval("SELECT count(*) FROM recipients") == 1
+            async with aiohttp.ClientSession() as http, http.get(ready_url) as ready:
+                assert ready.status == 200
             await check.close()
             await client.close()
         finally:

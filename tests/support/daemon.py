@@ -169,7 +169,7 @@ async def start_delivering(
     document["delivery"] = delivery_document(world, shaping_path, **delivery)
     if feedback:
         document["feedback"] = feedback
-    document["queue"] = {"reclaim_interval": "1s", "poll_interval": "200ms", "lease": "30s"}
+    document["queue"] = {"reclaim_interval": "1s", "poll_interval": "200ms", "lease": "30s", "gauge_interval": "200ms"}
     daemon = Daemon(parse_settings(document, {}), None)
     await daemon.start()
     return daemon
