@@ -119,6 +119,32 @@ class Daemon:
 
     async def start(self) -> None:
         settings = self.settings
+        store, url = await self._open_database(settings)
+        self.verifier = CredentialVerifier(TenantStore(self.pool))
+        self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
+        self.privacy = LogPrivacy(
+            settings.logging.mask_client_ips, settings.logging.pseudonymise_recipients, self.feedback_key
+        )
+        rules_file = settings.feedback.bounce_rules_file
+        self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
+        if settings.http.listen:
+            await self._start_http(settings)
+        self._tasks.append(asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval)))
+        self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
+        if settings.delivery.enabled:
+            self.runner = self._build_runner(store, url)
+            self.runner.start()
+        if settings.feedback.listen:
+            await self._start_feedback_listener(settings)
+        await self._start_submission(settings, store)
+        self._tasks.append(asyncio.create_task(self._reclaim_expired_leases(store)))
+        interval = systemd.watchdog_interval_s()
+        if interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        systemd.notify("READY=1\nSTATUS=accepting mail")
+        log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
+
+    async def _open_database(self, settings: Settings) -> tuple[QueueStore, str]:
         cluster = embedded_cluster(settings)
         if cluster is not None and await asyncio.to_thread(cluster.start):
             self._cluster_started = cluster
@@ -130,33 +156,23 @@ class Daemon:
                 if applied:
                     log_event(log, "schema.migrated", versions=[m.version for m in applied])
             await check_schema(conn)
-        store = QueueStore(self.pool)
-        self.verifier = CredentialVerifier(TenantStore(self.pool))
-        self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
-        self.privacy = LogPrivacy(
-            settings.logging.mask_client_ips, settings.logging.pseudonymise_recipients, self.feedback_key
+        return QueueStore(self.pool), url
+
+    async def _start_http(self, settings: Settings) -> None:
+        """Unsubscribe pages, /metrics, /healthz, /readyz."""
+        endpoint = UnsubscribeEndpoint(
+            FeedbackStore(self.pool),
+            self.feedback_key,
+            lambda: datetime.now(timezone.utc),
+            on_unsubscribed=self._suppressed_locally,
+            privacy=self.privacy,
         )
-        rules_file = settings.feedback.bounce_rules_file
-        self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
-        if settings.http.listen:
-            clock = lambda: datetime.now(timezone.utc)  # noqa: E731
-            endpoint = UnsubscribeEndpoint(
-                FeedbackStore(self.pool),
-                self.feedback_key,
-                clock,
-                on_unsubscribed=self._suppressed_locally,
-                privacy=self.privacy,
-            )
-            health = HealthEndpoints(self.pool, lambda: bool(self.listeners and self.listeners.servers))
-            self.http = HttpServer(settings.http.listen, endpoint.routes() + health.routes())
-            await self.http.start()
-        self._tasks.append(asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval)))
-        self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
-        if settings.delivery.enabled:
-            self.runner = self._build_runner(store, url)
-            self.runner.start()
-        if settings.feedback.listen:
-            await self._start_feedback_listener(settings)
+        health = HealthEndpoints(self.pool, lambda: bool(self.listeners and self.listeners.servers))
+        self.http = HttpServer(settings.http.listen, endpoint.routes() + health.routes())
+        await self.http.start()
+
+    async def _start_submission(self, settings: Settings, store: QueueStore) -> None:
+        """The SMTP submission listeners: started last, so nothing is accepted before the rest is up."""
         self._tls = self._load_tls(settings)
         arrivals = ArrivalSignal(self.pool, self.wakeup)
         self.handler = SubmissionHandler(
@@ -169,12 +185,6 @@ class Daemon:
         )
         self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
         await self.listeners.start()
-        self._tasks.append(asyncio.create_task(self._reclaim_expired_leases(store)))
-        interval = systemd.watchdog_interval_s()
-        if interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        systemd.notify("READY=1\nSTATUS=accepting mail")
-        log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
 
     def _build_runner(self, store: QueueStore, url: str) -> DeliveryRunner:
         settings = self.settings
