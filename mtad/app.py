@@ -129,7 +129,10 @@ class Daemon:
         self.bounce_rules = load_bounce_rules(Path(rules_file) if rules_file else None)
         if settings.http.listen:
             await self._start_http(settings)
-        self._tasks.append(asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval)))
+        listeners_up = lambda: bool(self.listeners and self.listeners.servers)  # noqa: E731
+        self._tasks.append(
+            asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval, listeners_up))
+        )
         self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
         if settings.delivery.enabled:
             self.runner = self._build_runner(store, url)

@@ -7,6 +7,7 @@ million queued recipients; the oldest pending age comes from an index.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import asyncpg
@@ -14,7 +15,7 @@ import asyncpg
 from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.db.queries import queries
 from mtad.model import RecipientState
-from mtad.observe.metrics import DB_POOL, DB_UP, EVENT_LOOP_LAG, QUEUE_OLDEST_AGE, QUEUE_RECIPIENTS
+from mtad.observe.metrics import DB_POOL, DB_UP, EVENT_LOOP_LAG, QUEUE_OLDEST_AGE, QUEUE_RECIPIENTS, READY
 
 # The index whose size estimates a state beyond the cap.
 _ESTIMATED_BY = {"queued": "recipients_due_idx", "deferred": "recipients_due_idx", "active": "recipients_lease_idx"}
@@ -33,15 +34,18 @@ async def refresh_queue_gauges(pool: asyncpg.Pool, cap: int = 100_000) -> None:
     QUEUE_OLDEST_AGE.set((datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0)
 
 
-async def keep_gauges_fresh(pool: asyncpg.Pool, interval_s: float) -> None:
+async def keep_gauges_fresh(pool: asyncpg.Pool, interval_s: float, listeners_up: Callable[[], bool]) -> None:
+    """Also keeps mtad_db_up and mtad_ready current without anyone probing /readyz."""
     while True:
         DB_POOL.labels("in_use").set(pool.get_size() - pool.get_idle_size())
         DB_POOL.labels("idle").set(pool.get_idle_size())
         try:
             await asyncio.wait_for(refresh_queue_gauges(pool), timeout=max(1.0, interval_s))
-            DB_UP.set(1)
+            database_ok = True
         except (*DATABASE_UNAVAILABLE, asyncio.TimeoutError):
-            DB_UP.set(0)
+            database_ok = False
+        DB_UP.set(1 if database_ok else 0)
+        READY.set(1 if database_ok and listeners_up() else 0)
         await asyncio.sleep(interval_s)
 
 
