@@ -24,6 +24,7 @@ from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.observe.top_view import (
     DEFAULT_CAP,
     EVENT_SETTLE,
+    QUEUE_STATES,
     Frame,
     SiteLoad,
     SiteTrouble,
@@ -91,8 +92,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     top.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between refreshes (default 2)")
     top.add_argument("--once", action="store_true", help="print one frame as plain text (rates over one interval)")
     top.add_argument("--json", action="store_true", help="print one frame as JSON (implies --once)")
-    top.add_argument("--sites", type=int, default=10, metavar="N", help="rows of busiest and of troubled sites")
-    top.add_argument("--cap", type=int, default=DEFAULT_CAP, metavar="N", help="count each queue state up to N")
+    top.add_argument("--sites", type=_positive_int, default=10, metavar="N", help="rows of busiest and of troubled sites")
+    top.add_argument("--cap", type=_positive_int, default=DEFAULT_CAP, metavar="N", help="count each queue state up to N")
     top.set_defaults(handler=run_top)
 
 
@@ -104,6 +105,12 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError("the interval must be more than 0 and at most 3600 seconds")
     return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text}")
+    return int(text)
 
 
 async def read_only(conn: asyncpg.Connection) -> None:
@@ -136,7 +143,7 @@ async def take_snapshot(
         messages_max_id=clock["messages_max_id"],
         recipients_max_id=clock["recipients_max_id"],
         events=events,
-        queue={state: queue[state] for state in ("queued", "active", "deferred")},
+        queue={state: queue[state] for state in QUEUE_STATES},
         cap=cap,
         oldest_pending_at=queue["oldest_pending_at"],
         nodes=totals["nodes"],
