@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mtad.cli import bounce, database, dkim, events, queue, suppress, tenants
+from mtad.cli import bounce, database, dkim, events, queue, suppress, tenants, top
 from mtad.config import ConfigError, find_config_path, load_settings
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounce.add_commands(commands)
     suppress.add_commands(commands)
     events.add_commands(commands)
+    top.add_commands(commands)
     return parser
 
 

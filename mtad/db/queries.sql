@@ -369,10 +369,6 @@ LEFT JOIN recipients AS r ON r.id = e.recipient_id
 WHERE m.queue_id = $1
 ORDER BY e.at, e.id LIMIT $2;
 
--- count_state_capped --
--- Gauge: recipients in one state, counted exactly up to a cap ($2) so a scrape never scans a huge queue.
-SELECT count(*) FROM (SELECT 1 FROM recipients WHERE state = $1 LIMIT $2) AS capped;
-
 -- estimate_rows --
 -- Gauge beyond the cap: PostgreSQL's estimate of a relation's rows (an index covers one state's rows).
 SELECT reltuples::bigint FROM pg_class WHERE relname = $1;

@@ -54,7 +54,9 @@ CONNECTIONS_OPEN = Gauge("mtad_delivery_connections_open", "Outbound SMTP connec
 
 # -- queue --------------------------------------------------------------------------------------------
 QUEUE_RECIPIENTS = Gauge(
-    "mtad_queue_recipients", "Recipients by state (exact up to a cap, then PostgreSQL's estimate)", ["state"]
+    "mtad_queue_recipients",
+    "Recipients still in the queue by state: queued, deferred, active (exact up to a cap, then an estimate)",
+    ["state"],
 )
 QUEUE_OLDEST_AGE = Gauge("mtad_queue_oldest_pending_age_seconds", "Age of the oldest recipient still to deliver")
 

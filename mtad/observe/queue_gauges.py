@@ -1,7 +1,9 @@
 """Queue gauges refreshed in the background (every `interval_s`), never by a scrape.
 
-Counts are exact up to `cap` per state and PostgreSQL's estimate above it, so refreshing stays cheap with a
-million queued recipients; the oldest pending age comes from an index.
+Counts are for the states still in the queue (queued, deferred, active), exact up to `cap` and PostgreSQL's
+estimate above it, each through its partial index (the state is written into the statement: a generic plan
+with the state as a parameter would scan the table); finished states are counted by the event metrics.
+The oldest pending age comes from an index too.
 """
 
 from __future__ import annotations
@@ -14,22 +16,24 @@ import asyncpg
 
 from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.db.queries import queries
-from mtad.model import RecipientState
 from mtad.observe.metrics import DB_POOL, DB_UP, EVENT_LOOP_LAG, QUEUE_OLDEST_AGE, QUEUE_RECIPIENTS, READY
 
-# The index whose size estimates a state beyond the cap.
-_ESTIMATED_BY = {"queued": "recipients_due_idx", "deferred": "recipients_due_idx", "active": "recipients_lease_idx"}
+# State -> the index whose size estimates it beyond the cap.
+_PENDING_STATES = {"queued": "recipients_due_idx", "deferred": "recipients_due_idx", "active": "recipients_lease_idx"}
+_CAPPED_COUNT = {
+    state: f"SELECT count(*) FROM (SELECT 1 FROM recipients WHERE state = '{state}' LIMIT $1) AS capped"
+    for state in _PENDING_STATES
+}
 
 
 async def refresh_queue_gauges(pool: asyncpg.Pool, cap: int = 100_000) -> None:
     sql = queries()
     async with pool.acquire() as conn:
-        for state in RecipientState:
-            count = await conn.fetchval(sql["count_state_capped"], state.value, cap)
+        for state, index in _PENDING_STATES.items():
+            count = await conn.fetchval(_CAPPED_COUNT[state], cap)
             if count >= cap:
-                estimate = await conn.fetchval(sql["estimate_rows"], _ESTIMATED_BY.get(state.value, "recipients"))
-                count = max(count, estimate or 0)
-            QUEUE_RECIPIENTS.labels(state.value).set(count)
+                count = max(count, await conn.fetchval(sql["estimate_rows"], index) or 0)
+            QUEUE_RECIPIENTS.labels(state).set(count)
         oldest = await conn.fetchval(sql["oldest_pending_queued_at"])
     QUEUE_OLDEST_AGE.set((datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0)
 
