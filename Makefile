@@ -15,7 +15,7 @@ MTAD := $(VENV)/bin/mtad --config $(CONFIG)
 # Reinstalls only when pyproject.toml is newer than this stamp (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run test bench-submit clean
+.PHONY: setup system-deps run test bench-submit clean install
 
 setup: system-deps $(STAMP)
 
@@ -48,3 +48,38 @@ clean:
 		case "$$home" in /var/lib/mtad/pg-*|/*/mtad-[0-9]*/pg-*) rm -rf "$$home" ;; esac; \
 	done
 	rm -rf $(VENV) var
+
+# make install (as root): mtad as a systemd service (see systemd/README.md). A venv with mtad built from this
+# checkout in $(PREFIX)/venv; the mtad system user; config files in /etc/mtad (only those not there yet, an
+# operator's edits are kept); the unit in /etc/systemd/system. It neither enables nor starts the service.
+# The service's venv is built on the system Python: the unit hides /root and /home (ProtectHome=yes), so a
+# Python from pyenv or ~/.local would not start.
+PREFIX ?= /opt/mtad
+SERVICE_PYTHON ?= /usr/bin/python3
+ETC := /etc/mtad
+UNIT := /etc/systemd/system/mtad.service
+
+install:
+	@test "$$(id -u)" -eq 0 || { echo "make install: run as root" >&2; exit 1; }
+	@test -x $(PREFIX)/venv/bin/python || $(SERVICE_PYTHON) -m venv $(PREFIX)/venv
+	@case "$$(readlink -f $(PREFIX)/venv/bin/python)" in /root/*|/home/*) \
+		echo "make install: $(PREFIX)/venv runs a Python under /root or /home, hidden from the service" \
+			"(ProtectHome=yes); remove $(PREFIX)/venv and set SERVICE_PYTHON" >&2; exit 1;; esac
+	$(PREFIX)/venv/bin/python -m pip install -q --upgrade --no-warn-script-location .
+	@if command -v systemd-sysusers >/dev/null 2>&1; then \
+		install -D -m 0644 systemd/mtad.sysusers.conf /etc/sysusers.d/mtad.conf && \
+		systemd-sysusers /etc/sysusers.d/mtad.conf; \
+	elif ! getent passwd mtad >/dev/null; then \
+		useradd --system --user-group --home-dir /var/lib/mtad --no-create-home --shell /usr/sbin/nologin mtad; \
+	fi
+	install -d -m 0750 -o root -g mtad $(ETC)
+	@for pair in mtad.example.toml:mtad.toml shaping.toml:shaping.toml bounce_rules.toml:bounce_rules.toml; do \
+		src=config/$${pair%%:*}; dst=$(ETC)/$${pair##*:}; \
+		if [ -e "$$dst" ]; then echo "kept $$dst"; \
+		else install -m 0640 -o root -g mtad "$$src" "$$dst" && echo "installed $$dst"; fi; \
+	done
+	sed 's|/opt/mtad/|$(PREFIX)/|g' systemd/mtad.service > $(UNIT).tmp
+	chmod 0644 $(UNIT).tmp && mv $(UNIT).tmp $(UNIT)
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "next: edit $(ETC)/mtad.toml, write $(ETC)/db-password, migrate, systemctl enable --now mtad"
+	@echo "      (systemd/README.md)"

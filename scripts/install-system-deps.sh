@@ -37,6 +37,8 @@ have openssl || want openssl "installed openssl"
 { have smtp-sink && have smtp-source; } || want postfix "installed postfix (for smtp-sink/smtp-source; daemon left stopped)"
 have promtool || want prometheus "installed prometheus (for promtool; service left stopped)"
 have runuser || want util-linux "installed util-linux (runuser)"
+# systemd-analyze checks systemd/mtad.service offline (tests/component/test_systemd_unit.py).
+have systemd-analyze || want systemd "installed systemd (for systemd-analyze; not started)"
 
 ((${#missing[@]} == 0)) && exit 0
 
