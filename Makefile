@@ -3,6 +3,7 @@
 #   make run           start the embedded PostgreSQL, migrate, ensure a demo tenant, run the daemon
 #   make test          the whole suite (it starts its own PostgreSQL)
 #   make bench-submit  the submission benchmark (BENCH_ARGS=...)
+#   make bench         mtad against Postfix, paired relay benchmark (BENCH_ARGS=...)
 #   make clean         stop the embedded cluster, remove .venv and var/
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ MTAD := $(VENV)/bin/mtad --config $(CONFIG)
 # Reinstalls only when pyproject.toml is newer than this stamp (or the venv is gone).
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps run test bench-submit clean install
+.PHONY: setup system-deps run test bench-submit bench clean install
 
 setup: system-deps $(STAMP)
 
@@ -38,6 +39,10 @@ test: setup
 
 bench-submit: $(STAMP)
 	$(VENV)/bin/python benchmarks/submit.py $(BENCH_ARGS)
+
+# The paired relay benchmark, mtad against a private Postfix (benchmarks/README.md); as root.
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/relay.py $(BENCH_ARGS)
 
 # A cluster that had to live outside var/ (see mtad/db/embedded.py) is named by a cluster-home
 # pointer file; remove it too, but only if it has the shape embedded.py gives such directories.
