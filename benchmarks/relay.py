@@ -309,6 +309,15 @@ class PrivatePostfix:
                     if table.endswith("6") or cols[1].split(":")[0] != "0100007F":
                         raise RuntimeError(f"Postfix listens beyond 127.0.0.1: {cols[1]} in {table}")
 
+    def log_warnings(self) -> list[str]:
+        """Lines of the instance's log with warning/error/fatal/panic (a fair run has none)."""
+        try:
+            lines = (self.root / "postfix.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line for line in lines if any(f" {level}: " in line for level in ("warning", "error", "fatal",
+                                                                                   "panic"))][:20]
+
     def queue_empty(self) -> bool:
         for sub in ("incoming", "active", "deferred"):
             directory = self.root / "queue" / sub
@@ -476,12 +485,20 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
         sampler = RssSampler(roots)
         clock: dict = {}
 
+        def context_cpu() -> tuple[float, float, float]:
+            return submit.client_cpu_seconds(), sink.cpu_seconds(), deliver.machine_busy_seconds()
+
         def on_connected() -> None:
-            clock["cpu"], clock["start"] = mta_cpu(), time.monotonic()
+            clock["cpu"], clock["context"], clock["start"] = mta_cpu(), context_cpu(), time.monotonic()
 
         progress.run(label, args.messages)
         injection, complete = submit.run_async(drive(port, args, recipients, sink, label, progress, on_connected))
         cpu = mta_cpu() - clock.get("cpu", 0.0)
+        window = time.monotonic() - clock["start"] if "start" in clock else 0.0
+        if window > 0:  # context: were the MTA's cores shared with more than the injector and the sink?
+            injector, sink_cpu, machine = (b - a for a, b in zip(clock["context"], context_cpu()))
+            extra["cores_busy"] = {"mta": round(cpu / window, 2), "injector": round(injector / window, 2),
+                                   "sink": round(sink_cpu / window, 2), "machine": round(machine / window, 2)}
         if daemon is not None:
             extra["daemon_peak_rss_mb"] = round(submit.peak_rss_mb(daemon.pid), 1)
             if daemon.poll() is not None:
@@ -491,6 +508,7 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             extra["daemon_warnings"] = sum(log_counts.values())
         if postfix is not None:
             extra["postfix_queue_empty"] = postfix.queue_empty()
+            extra["postfix_log_warnings"] = postfix.log_warnings()
         peak_rss = sampler.stop()
         sampler = None
         received = sink.stop()
@@ -545,6 +563,11 @@ def summarize(mta: str, args, injection: Injection, complete: bool, received: di
             problems.append(f"recipient states in PostgreSQL: {extra.get('states')}")
         if extra.get("daemon_warnings"):
             problems.append(f"the daemon logged {extra['daemon_warnings']} warnings/errors")
+    else:
+        if extra.get("postfix_log_warnings"):
+            problems.append(f"Postfix logged warnings/errors: {extra['postfix_log_warnings'][:3]}")
+        if not extra.get("postfix_queue_empty", True):
+            problems.append("Postfix's queue is not empty at the end")
     per_1k = 1000 / injection.accepted if injection.accepted else 0.0
     origin = injection.first_sent
     timeline = deliver.per_second(origin, injection.accepted_at, arrivals) if arrivals else []
@@ -600,12 +623,13 @@ def markdown(report: dict) -> str:
              + (f"Postfix {report.get('postfix_version')}: relayed without signing (no DKIM built in), "
                 f"default queue settings + default_destination_concurrency_limit = {CONNECTION_LIMIT}."
                 if not report.get("postfix_missing") else f"**Postfix side missing**: {report['postfix_missing']}"),
-             "", "| pair | MTA | " + " | ".join(t for _, t in METRICS) + " | delivered/injected | ok |",
-             "|---:|---|" + "---:|" * len(METRICS) + "---:|---|"]
+             "", "| pair | MTA | " + " | ".join(t for _, t in METRICS)
+             + " | delivered/injected | cores busy: MTA / injector / sink / machine | ok |",
+             "|---:|---|" + "---:|" * len(METRICS) + "---:|---:|---|"]
     for run in runs:
         lines.append(f"| {run['pair']} | {run['mta']} | " + " | ".join(
             "n/a" if run.get(k) is None else str(run[k]) for k, _ in METRICS)
-            + f" | {run['delivered']}/{run['injected']} | {'yes' if run['ok'] else 'NO'} |")
+            + f" | {run['delivered']}/{run['injected']} | {cores_text(run)} | {'yes' if run['ok'] else 'NO'} |")
     lines += ["", "Medians:", "", "| MTA | " + " | ".join(t for _, t in METRICS) + " |",
               "|---|" + "---:|" * len(METRICS)]
     for mta, med in report["medians"].items():
@@ -623,6 +647,24 @@ def markdown(report: dict) -> str:
     if problems:
         lines += ["", "Problems:", ""] + problems
     return "\n".join(lines) + "\n"
+
+
+def cores_text(run: dict) -> str:
+    busy = run.get("cores_busy")
+    return " / ".join(str(busy[k]) for k in ("mta", "injector", "sink", "machine")) if busy else "n/a"
+
+
+def other_postfix_masters() -> list[int]:
+    """Postfix master processes already running (the system's or another instance): they would share the cores."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "exe").endswith("/postfix/sbin/master"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def plot(report: dict, path: Path) -> None:
@@ -670,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     postfix_config = None
+    others = [] if missing else other_postfix_masters()
+    if others:  # not ours to stop; say so, the numbers would be skewed
+        print(f"warning: Postfix master process(es) already running: {others} (stop the system postfix for a "
+              f"fair run)", file=sys.stderr)
     with Progress() as progress:
         progress.log(f"relay benchmark: {args.messages} messages x {args.pairs} pair(s), {args.clients} sessions, "
                      f"mtad DKIM {'rsa+ed25519' if args.dual else 'rsa'}"
@@ -704,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
               "postfix_dkim": "none (Postfix relayed without signing)", "postfix_missing": missing,
               "postfix_version": None if missing else postfix_version(), "postfix_config": postfix_config,
               "sink": "aiosmtpd (separate process, records X-Bench-Sent and arrival)",
-              "runs": runs, "medians": medians, "ratios": ratios,
+              "other_postfix_masters_at_start": others, "runs": runs, "medians": medians, "ratios": ratios,
               "ratio_median": {key: median([r[key] for r in ratios]) for key, _ in METRICS} if ratios else None,
               "ok": all(r["ok"] for r in runs)}
     base = args.out / f"relay-{stamp}"
