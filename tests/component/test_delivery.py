@@ -13,10 +13,10 @@ from mtad.model import EnvelopeRecipient, Submission
 from mtad.policy.queue_id import make_queue_id
 from mtad.queue.store import QueueStore
 from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key
+from mtad.simulate.remote_world import RemoteWorld
+from mtad.simulate.smtp_sink import SinkBehaviour
 from support.daemon import PASSWORD, start_delivering, write_shaping
-from support.remote_world import RemoteWorld
 from support.smtp_client import RawSMTP
-from support.smtp_sink import SinkBehaviour
 
 _ids = iter(range(1, 10**9))
 

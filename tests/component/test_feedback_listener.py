@@ -10,8 +10,8 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from mtad.simulate.remote_world import RemoteWorld
 from support.daemon import PASSWORD, start_delivering, write_shaping
-from support.remote_world import RemoteWorld
 from support.smtp_client import RawSMTP
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bounces"

@@ -8,8 +8,8 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from mtad.simulate.remote_world import RemoteWorld
 from support.daemon import start_delivering, write_shaping
-from support.remote_world import RemoteWorld
 from test_delivery import queue_messages
 
 

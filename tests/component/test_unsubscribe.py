@@ -14,8 +14,8 @@ from mtad.model import MessageClass
 from mtad.policy.feedback_token import UNSUBSCRIBE, make_token
 from mtad.queue.controls import QueueControls
 from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key
+from mtad.simulate.remote_world import RemoteWorld
 from support.daemon import PASSWORD, start_delivering, write_shaping
-from support.remote_world import RemoteWorld
 from support.smtp_client import RawSMTP
 
 BOUNCE_DOMAIN = "bounces.mtad.example"

@@ -13,10 +13,10 @@ import dns.asyncresolver
 import dns.rdatatype
 import dns.resolver
 import pytest
+from mtad.simulate.dns_server import FakeDNS
+from mtad.simulate.remote_world import RemoteWorld
+from mtad.simulate.smtp_sink import SinkBehaviour, SmtpSink, free_port_on
 
-from support.dns_server import FakeDNS
-from support.remote_world import RemoteWorld
-from support.smtp_sink import SinkBehaviour, SmtpSink, free_port_on
 
 MESSAGE = b"From: news@acme.example\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n" + b"body line\r\n" * 200
 SENDER = "news@acme.example"

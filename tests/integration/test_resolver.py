@@ -6,7 +6,7 @@ import pytest
 
 from mtad.deliver.resolver import RouteResolver, parse_static_routes
 from mtad.model import Route, RouteFailure
-from support.dns_server import FakeDNS
+from mtad.simulate.dns_server import FakeDNS
 
 
 @pytest.fixture

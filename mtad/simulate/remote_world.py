@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from support.dns_server import FakeDNS
-from support.smtp_sink import ReceivedMessage, SinkBehaviour, SmtpSink, free_port_on
+from mtad.simulate.dns_server import FakeDNS
+from mtad.simulate.smtp_sink import ReceivedMessage, SinkBehaviour, SmtpSink, free_port_on
 
 START_ATTEMPTS = 10  # the shared port can be taken between probing and binding; pick another
 

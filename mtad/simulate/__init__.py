@@ -1,0 +1,1 @@
+"""A simulated remote world on loopback (DNS server, SMTP sinks) for the demo and the tests."""
