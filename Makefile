@@ -34,6 +34,9 @@ run: setup
 	$(MTAD) tenant demo
 	exec $(MTAD) run
 
+demo: setup
+	$(VENV)/bin/mtad --config $(CONFIG) demo
+
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

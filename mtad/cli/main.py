@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mtad.cli import bounce, database, dkim, events, queue, suppress, tenants, top
+from mtad.cli import bounce, database, demo, dkim, events, queue, suppress, tenants, top
 from mtad.config import ConfigError, find_config_path, load_settings
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     suppress.add_commands(commands)
     events.add_commands(commands)
     top.add_commands(commands)
+    demo.add_commands(commands)
     return parser
 
 

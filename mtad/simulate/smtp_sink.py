@@ -10,6 +10,7 @@ misbehaves on request through `SinkBehaviour`, read live: assign `sink.behaviour
 change one field (`sink.behaviour.stall_greeting_s = 0.5`) while the daemon is connected. What it simulates:
 
 - per-recipient temporary/permanent refusals at RCPT (by address or by domain);
+- greylisting: `greylist=True` answers 450 4.2.0 to the first RCPT of each recipient and accepts it later;
 - a DATA reply override (greylisting style "452 4.3.1", content filter "554 5.7.1"), optionally only for the
   first K messages after the behaviour was set;
 - a server that accepts N messages per connection and then answers MAIL with 421 and hangs up;
@@ -51,6 +52,7 @@ TRY_AGAIN_LATER = "421 4.7.0 Try again later"
 GARBAGE_GREETING = "* OK [CAPABILITY IMAP4rev1] Dovecot ready."  # what a mis-pointed MX might say
 ACCEPTED = "250 2.0.0 OK queued"
 RECIPIENT_OK = "250 2.1.5 OK"
+GREYLISTED = "450 4.2.0 Greylisted, please try again later"
 DROPPED = "(connection dropped during DATA)"
 TLS_BROKEN = "(connection closed instead of TLS handshake)"
 DROP_READ_TIMEOUT_S = 5.0  # how long a dropping sink waits for the first body bytes before dropping anyway
@@ -71,6 +73,7 @@ class SinkBehaviour:
     starttls: bool = False
     tls_fails: bool = False  # advertise STARTTLS, then close instead of the handshake
     garbage_greeting: bool = False
+    greylist: bool = False  # 450 4.2.0 on the first RCPT of each recipient address, accepted from then on
 
 
 @dataclass
@@ -82,6 +85,7 @@ class ReceivedMessage:
     tls: bool
     received_at: float  # time.monotonic()
     session_id: int
+    mail_at: float = 0.0  # time.monotonic() when its MAIL FROM arrived (the start of the attempt, as seen here)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class _SinkHandler:
         self, server: _SinkSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         self._sink.transactions_total += 1
+        envelope.mail_at = time.monotonic()  # type: ignore[attr-defined]
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -306,6 +311,7 @@ class SmtpSink:
         self.current_sessions = 0
         self.max_concurrent_sessions = 0  # the high-water mark; the cap is behaviour.max_concurrent_sessions
         self.transactions_total = 0  # MAIL commands accepted
+        self.greylisted: set[str] = set()  # recipients seen once by a greylisting sink (lower case)
         self._sessions: set[_SinkSMTP] = set()  # every live connection, admitted or not
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Event()
@@ -409,7 +415,11 @@ class SmtpSink:
     def _reply_for_recipient(self, address: str) -> str | None:
         replies = {key.lower(): reply for key, reply in self.behaviour.recipient_replies.items()}
         address = address.lower()
-        return replies.get(address) or replies.get(address.rpartition("@")[2])
+        reply = replies.get(address) or replies.get(address.rpartition("@")[2])
+        if reply is None and self.behaviour.greylist and address not in self.greylisted:
+            self.greylisted.add(address)
+            return GREYLISTED
+        return reply
 
     def _take_data_reply(self) -> str | None:
         behaviour = self.behaviour
@@ -433,6 +443,7 @@ class SmtpSink:
                 tls=session.ssl is not None,
                 received_at=time.monotonic(),
                 session_id=server.session_id,
+                mail_at=getattr(envelope, "mail_at", 0.0),
             )
         )
         self._arrived.set()
