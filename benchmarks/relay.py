@@ -589,7 +589,7 @@ def summarize(mta: str, args, injection: Injection, complete: bool, received: di
 
 METRICS = [("accepted_per_s", "accepted/s"), ("delivered_per_s", "delivered/s"), ("p50_ms", "p50 ms"),
            ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("cpu_s_per_1k", "CPU s/1k"),
-           ("peak_rss_mb", "peak RSS MB")]
+           ("peak_rss_mb", "peak RSS (PSS) MB")]
 
 
 def ratio(a, b):
