@@ -35,6 +35,7 @@ from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
 from mtad.observe.health import HealthEndpoints
 from mtad.observe.logs import log_event
+from mtad.observe.tasks import cancel_and_wait
 from mtad.observe.queue_gauges import keep_gauges_fresh, measure_event_loop_lag
 from mtad.deliver.copy import CopyMaker, FeedbackAddressing
 from mtad.deliver.message_cache import MessageCache
@@ -354,9 +355,7 @@ class Daemon:
         if self.http is not None:
             await self.http.stop()
         systemd.notify("STOPPING=1")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), 10)

@@ -31,6 +31,7 @@ from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
 from mtad.observe.logs import log_event
+from mtad.observe.tasks import cancel_and_wait
 from mtad.observe.metrics import (
     ATTEMPTS,
     BOUNCES,
@@ -104,22 +105,17 @@ class DeliveryRunner:
 
     async def stop(self, grace_s: float) -> None:
         writer_task, *others = self._loops
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        await cancel_and_wait(others)
         if self._deliveries:
-            done, still = await asyncio.wait(set(self._deliveries), timeout=grace_s)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            _, still = await asyncio.wait(set(self._deliveries), timeout=grace_s)
+            await cancel_and_wait(still)
         held = self.scheduler.take_unservable(time.monotonic(), max_hold_s=-1)
         if held:
             try:
                 await self.store.release(self.claimer.owner, [h.claim.recipient_id for h in held], _utcnow())
             except DATABASE_UNAVAILABLE:
                 pass  # their leases expire and another start reclaims them
-        writer_task.cancel()
-        await asyncio.gather(writer_task, return_exceptions=True)
+        await cancel_and_wait([writer_task])
         await self.pool.close_all()
 
     # -- claiming -----------------------------------------------------------------------------------

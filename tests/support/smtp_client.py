@@ -20,8 +20,8 @@ class RawSMTP:
 
     @classmethod
     async def open(cls, port: int, *, implicit_tls: bool = False, host: str = "127.0.0.1") -> tuple[RawSMTP, str]:
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=insecure_client_context() if implicit_tls else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=insecure_client_context() if implicit_tls else None), 15
         )
         client = cls(reader, writer)
         code, text = await client.reply()
@@ -50,7 +50,7 @@ class RawSMTP:
     async def starttls(self) -> None:
         code, text = await self.command("STARTTLS")
         assert code == 220, text
-        await self.writer.start_tls(insecure_client_context())
+        await asyncio.wait_for(self.writer.start_tls(insecure_client_context()), 15)
 
     async def login(self, user: str, password: str) -> tuple[int, str]:
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
