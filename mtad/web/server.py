@@ -14,7 +14,8 @@ class HttpServer:
         self._listen = listen
         self._app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         self._app.add_routes(routes)
-        self._runner = web.AppRunner(self._app, access_log=None)  # access logs would hold tokens and IPs
+        # No access log: it would hold unsubscribe tokens and client IPs. A short shutdown: pages are tiny.
+        self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=5.0)
         self.bound: list[tuple[str, int]] = []
 
     async def start(self) -> None:
