@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 
@@ -46,13 +47,16 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     options = DemoOptions(messages=args.messages, clients=args.clients)
     status = Status(total=args.messages)
     started: list = []
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        try:
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             summary = runner.run(_with_progress(run_scenario(options, status, started.append), status, started,
                                                 json_output=args.json))
-        except KeyboardInterrupt:
-            print("mtad demo: interrupted; everything it started is stopped", file=sys.stderr)
-            return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("mtad demo: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        if started:
+            started[0].close_at_exit()  # a no-op unless the loop ended before close() did
     if args.json:
         print(json.dumps({key: value for key, value in summary.items()}, indent=2))
     else:
@@ -63,6 +67,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
 async def _with_progress(scenario, status, started: list, *, json_output: bool) -> dict:
     """Run the scenario while showing its progress: a rich bar on a terminal, else a line every few seconds."""
     task = asyncio.ensure_future(scenario)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # like Ctrl-C: clean up, exit
     interactive = sys.stderr.isatty()
     try:
         if interactive:

@@ -55,6 +55,7 @@ DRAIN_TIMEOUT_S = 60.0
 SUBMIT_TIMEOUT_S = 30.0  # one SMTP command
 STATUS_INTERVAL_S = 0.5
 HANDOVER_S = 0.25  # see deliveries_after_unsubscribe
+STEP_TIMEOUT_S = 40.0  # each step of stopping (the daemon alone may take shutdown_grace twice)
 PENDING_STATES = ("queued", "active", "deferred")
 
 # (domain, sink, MX host, share of the address pool)
@@ -252,7 +253,11 @@ def message_bytes(index: int, rcpt: str, transactional: bool) -> bytes:
     return (headers + "\r\n" + body).encode()
 
 
-async def submit_all(port: int, password: str, plan: list[tuple[int, str, bool]], clients: int, status: Status) -> None:
+async def submit_all(
+    port: int, password: str, plan: list[tuple[int, str, bool]], clients: int, status: Status, opened: list
+) -> None:
+    """`clients` parallel sessions (STARTTLS, AUTH) share the plan; every client is put in `opened` at once, so
+    that whoever stops the demo can close connections a cancelled client left behind."""
     queue: asyncio.Queue[tuple[int, str, bool]] = asyncio.Queue()
     for item in plan:
         queue.put_nowait(item)
@@ -260,22 +265,25 @@ async def submit_all(port: int, password: str, plan: list[tuple[int, str, bool]]
     async def client() -> None:
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, validate_certs=False,
                                timeout=SUBMIT_TIMEOUT_S)
-        await smtp.connect()
-        await smtp.login(TENANT, password)
+        opened.append(smtp)
         try:
+            await smtp.connect()
+            await smtp.login(TENANT, password)
             while True:
                 try:
                     index, rcpt, transactional = queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    return
+                    break
                 sender = f"{'orders' if transactional else 'news'}@{SENDING_DOMAIN}"
                 await smtp.sendmail(sender, [rcpt], message_bytes(index, rcpt, transactional))
                 status.submitted += 1
-        finally:
-            try:
-                await smtp.quit()
-            except aiosmtplib.SMTPException:
-                smtp.close()
+        except BaseException:
+            smtp.close()  # cancelled or failed mid-command: no polite QUIT
+            raise
+        try:
+            await smtp.quit()
+        except aiosmtplib.SMTPException:
+            smtp.close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
 
@@ -441,6 +449,7 @@ class Demo:
         self.daemon: Daemon | None = None
         self.metrics_url = ""
         self.top_hint = ""
+        self.smtp_clients: list[aiosmtplib.SMTP] = []
 
     async def run(self) -> dict:
         options, status = self.options, self.status
@@ -450,7 +459,12 @@ class Demo:
 
         status.phase = "starting PostgreSQL"
         self.cluster = EmbeddedPostgres(self.root / "pg", durable=False)
-        await asyncio.to_thread(self.cluster.start)
+        starting = asyncio.ensure_future(asyncio.to_thread(self.cluster.start))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await asyncio.wait({starting}, timeout=STEP_TIMEOUT_S)  # let it finish before close() stops it
+            raise
         db_url = self.cluster.url()
 
         status.phase = "starting the simulated providers"
@@ -488,7 +502,7 @@ class Demo:
             send_dsns(self.world, feedback_port, options.dsns, status, done, avoid=confirmed.__contains__)
         )
         submitter = asyncio.create_task(
-            submit_all(submission_port, password, plan, options.clients, status)
+            submit_all(submission_port, password, plan, options.clients, status, self.smtp_clients)
         )
         try:
             while not submitter.done():
@@ -523,28 +537,42 @@ class Demo:
         return summary
 
     async def close(self) -> None:
+        """Stop what was started, in reverse order, each step bounded; the temporary directory goes last."""
         self.status.phase = "stopping"
+        for smtp in self.smtp_clients:
+            smtp.close()
+        self.smtp_clients.clear()
         if self.daemon is not None:
             daemon, self.daemon = self.daemon, None
-            try:
-                await daemon.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the rest
-                log.exception("stopping the daemon failed")
+            await self._bounded("stopping the daemon", daemon.stop())
         if self.world is not None:
             world, self.world = self.world, None
-            try:
-                await world.stop()
-            except Exception:  # noqa: BLE001
-                log.exception("stopping the simulated providers failed")
+            await self._bounded("stopping the simulated providers", world.stop())
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await self._bounded("stopping PostgreSQL", asyncio.to_thread(cluster.stop, "immediate"))
+        if self.root is not None:
+            root, self.root = self.root, None
+            await asyncio.to_thread(shutil.rmtree, root, True)
+
+    def close_at_exit(self) -> None:
+        """Last resort when the event loop is gone before close() finished (a second Ctrl-C): the cluster runs
+        in its own session and would outlive this process; sockets and tasks die with the process anyway."""
         if self.cluster is not None:
             cluster, self.cluster = self.cluster, None
             try:
-                await asyncio.to_thread(cluster.stop, "immediate")
+                cluster.stop("immediate")
             except Exception:  # noqa: BLE001
                 log.exception("stopping PostgreSQL failed")
         if self.root is not None:
             root, self.root = self.root, None
-            await asyncio.to_thread(shutil.rmtree, root, True)
+            shutil.rmtree(root, True)
+
+    async def _bounded(self, what: str, step) -> None:
+        try:
+            await asyncio.wait_for(step, STEP_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a failed step must not keep the rest running
+            log.exception("%s failed", what)
 
 
 async def run_scenario(options: DemoOptions, status: Status, on_started: Callable[[Demo], None] | None = None) -> dict:
