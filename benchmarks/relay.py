@@ -309,14 +309,19 @@ class PrivatePostfix:
                     if table.endswith("6") or cols[1].split(":")[0] != "0100007F":
                         raise RuntimeError(f"Postfix listens beyond 127.0.0.1: {cols[1]} in {table}")
 
-    def log_warnings(self) -> list[str]:
-        """Lines of the instance's log with warning/error/fatal/panic (a fair run has none)."""
+    def log_warnings(self) -> tuple[list[str], list[str]]:
+        """(problems, notes): lines of the instance's log with warning/error/fatal/panic (a fair run has none),
+        except the file system clock warning, which is a note: on some VMs file time stamps run up to a second
+        ahead of time(), and Postfix's cleanup then sets each queue file's time stamps itself (one utime() per
+        message; the warning says it "hurts performance"). That is the machine, not the configuration."""
         try:
             lines = (self.root / "postfix.log").read_text(errors="replace").splitlines()
         except OSError:
-            return []
-        return [line for line in lines if any(f" {level}: " in line for level in ("warning", "error", "fatal",
-                                                                                   "panic"))][:20]
+            return [], []
+        bad = [line for line in lines
+               if any(f" {level}: " in line for level in ("warning", "error", "fatal", "panic"))]
+        clock = [line for line in bad if "file system clock is" in line or "resetting file time stamps" in line]
+        return [line for line in bad if line not in clock][:20], clock[:2]
 
     def queue_empty(self) -> bool:
         for sub in ("incoming", "active", "deferred"):
@@ -508,7 +513,7 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             extra["daemon_warnings"] = sum(log_counts.values())
         if postfix is not None:
             extra["postfix_queue_empty"] = postfix.queue_empty()
-            extra["postfix_log_warnings"] = postfix.log_warnings()
+            extra["postfix_log_warnings"], extra["postfix_log_notes"] = postfix.log_warnings()
         peak_rss = sampler.stop()
         sampler = None
         received = sink.stop()
@@ -618,7 +623,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Relay benchmark {report['timestamp']}", "",
              f"{report['messages']} messages of {report['size']} bytes, {report['clients']} sessions, "
              f"{DOMAINS} Zipf-skewed domains, sink aiosmtpd on 127.0.0.1; machine: nproc {report['machine']['nproc']}, "
-             f"Python {report['machine']['python']}.",
+             f"Python {report['machine']['python']}; mtad at {(report['source_at_start']['commit'] or '?')[:10]}"
+             + (f" with uncommitted changes in {', '.join(report['source_at_start']['changed_under_mtad'])}"
+                if report["source_at_start"]["changed_under_mtad"] else "") + ".",
              f"mtad: durable PostgreSQL, DKIM {report['mtad_dkim']}, connection_limit {CONNECTION_LIMIT}. "
              + (f"Postfix {report.get('postfix_version')}: relayed without signing (no DKIM built in), "
                 f"default queue settings + default_destination_concurrency_limit = {CONNECTION_LIMIT}."
@@ -643,6 +650,10 @@ def markdown(report: dict) -> str:
                                                           for k, _ in METRICS) + " |")
     if report.get("postfix_config"):
         lines += ["", "Postfix main.cf:", "", "```", report["postfix_config"].rstrip(), "```"]
+    notes = sorted({note.split(": ", 1)[-1] for run in runs for note in run.get("postfix_log_notes", [])})
+    if notes:
+        lines += ["", "Notes from Postfix's log (the machine's file system clock, not a configuration problem):",
+                  ""] + [f"- {note}" for note in notes]
     problems = [f"- {run['mta']} pair {run['pair']}: {p}" for run in runs for p in run["problems"]]
     if problems:
         lines += ["", "Problems:", ""] + problems
@@ -704,6 +715,20 @@ def postfix_version() -> str | None:
         return None
 
 
+def source_state() -> dict:
+    """The commit mtad ran from and files changed in the working tree under mtad/ (the daemon runs the tree)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, timeout=10,
+                                  stdin=subprocess.DEVNULL).stdout.rstrip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "changed_under_mtad": [line[3:] for line in git("status", "--porcelain", "--", "mtad").splitlines()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = "--mtad-only given" if args.mtad_only else postfix_missing_reason()
@@ -712,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     postfix_config = None
+    source = source_state()
     others = [] if missing else other_postfix_masters()
     if others:  # not ours to stop; say so, the numbers would be skewed
         print(f"warning: Postfix master process(es) already running: {others} (stop the system postfix for a "
@@ -744,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {mta: {key: median([r[key] for r in runs if r["mta"] == mta]) for key, _ in METRICS}
                for mta in ("mtad", "postfix") if any(r["mta"] == mta for r in runs)}
     ratios = pair_ratios(runs)
-    report = {"timestamp": stamp, "machine": submit.machine(), "messages": args.messages, "clients": args.clients,
+    report = {"timestamp": stamp, "machine": submit.machine(), "source_at_start": source, "source_at_end": source_state(), "messages": args.messages, "clients": args.clients,
               "pairs": args.pairs, "size": args.size, "domains": DOMAINS,
               "mtad_dkim": "rsa-2048+ed25519" if args.dual else "rsa-2048",
               "postfix_dkim": "none (Postfix relayed without signing)", "postfix_missing": missing,
