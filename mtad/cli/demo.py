@@ -73,7 +73,7 @@ async def _with_progress(scenario, status, started: list, *, json_output: bool) 
         if interactive:
             await _rich_progress(task, status, started)
         else:
-            await _plain_progress(task, status)
+            await _plain_progress(task, status, started)
     except BaseException:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -96,8 +96,8 @@ async def _rich_progress(task: asyncio.Future, status, started: list) -> None:
         while not task.done():
             if not hinted and started and started[0].metrics_url:
                 hinted = True
-                progress.console.print(f"[dim]metrics while the demo runs: {started[0].metrics_url}[/dim]")
-                progress.console.print(f"[dim]live view in another terminal: {started[0].top_hint}[/dim]")
+                progress.console.print(f"metrics while the demo runs: {started[0].metrics_url}", markup=False)
+                progress.console.print(f"live view in another terminal: {started[0].top_hint}", markup=False)
             progress.update(submitted, completed=status.submitted, extra=status.phase)
             progress.update(
                 finished, completed=status.finished,
@@ -109,9 +109,14 @@ async def _rich_progress(task: asyncio.Future, status, started: list) -> None:
         progress.update(finished, completed=status.finished)
 
 
-async def _plain_progress(task: asyncio.Future, status) -> None:
+async def _plain_progress(task: asyncio.Future, status, started: list) -> None:
     last = 0.0
+    hinted = False
     while not task.done():
+        if not hinted and started and started[0].metrics_url:
+            hinted = True
+            print(f"mtad demo: metrics while the demo runs: {started[0].metrics_url}", file=sys.stderr)
+            print(f"mtad demo: live view in another terminal: {started[0].top_hint}", file=sys.stderr, flush=True)
         now = time.monotonic()
         if now - last >= 5:
             last = now
@@ -128,13 +133,13 @@ def print_summary(summary: dict, demo) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"mtad demo: {summary['messages']} messages in {summary['elapsed_s']} s")
+    table = Table(title=f"mtad demo: {summary['messages']} messages in {summary['elapsed_s']} s", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")
     table.add_row("delivered", str(summary["delivered"]))
     table.add_row("  of which deferred, then delivered", str(summary["deferred_then_delivered"]))
     bounces = summary["bounced_by_category"]
-    table.add_row("bounced", str(sum(bounces.values())))
+    table.add_row("bounced (at RCPT, or by DSN later)", str(sum(bounces.values())))
     for category, count in bounces.items():
         table.add_row(f"  {category}", str(count))
     table.add_row("suppressed (never attempted)", str(summary["suppressed"]))
@@ -149,10 +154,13 @@ def print_summary(summary: dict, demo) -> None:
     table.add_row("latency p50 / p95 / p99", " / ".join(_ms(latency[k]) for k in ("p50", "p95", "p99")))
     console = Console()
     console.print(table)
-    console.print("Where to look next:")
-    console.print(f"  metrics (while a daemon runs): {summary['metrics_url']} (the demo's; now stopped)")
-    console.print("  your own daemon: `make run`, then `.venv/bin/mtad --config config/mtad.toml top` and")
-    console.print("  `curl http://127.0.0.1:8025/metrics` (the [http] listen address of config/mtad.toml)")
+    lines = [
+        "Where to look next:",
+        f"  the demo's metrics were at {summary['metrics_url']} (stopped with the demo);",
+        "  your own daemon: `make run`, then `.venv/bin/mtad --config config/mtad.toml top` (live view)",
+        "  and `curl http://127.0.0.1:8025/metrics` (the [http] listen address in config/mtad.toml).",
+    ]
+    print("\n".join(lines))
 
 
 def _ms(value: float | None) -> str:

@@ -60,9 +60,9 @@ PENDING_STATES = ("queued", "active", "deferred")
 
 # (domain, sink, MX host, share of the address pool)
 DOMAINS = [
-    ("inbox.example", "mx-healthy", "mx.inbox.example", 0.40),
-    ("bigmail.example", "mx-throttling", "mx1.bigmail-mx.example", 0.20),
-    ("bigmail-hosted.example", "mx-throttling", "mx1.bigmail-mx.example", 0.10),
+    ("inbox.example", "mx-healthy", "mx.inbox.example", 0.55),
+    ("bigmail.example", "mx-throttling", "mx1.bigmail-mx.example", 0.10),  # two sessions at most: the slow lane
+    ("bigmail-hosted.example", "mx-throttling", "mx1.bigmail-mx.example", 0.05),
     ("greymail.example", "mx-greylisting", "mx.greymail.example", 0.15),
     ("oldisp.example", "mx-unknown-users", "mx.oldisp.example", 0.15),
 ]
