@@ -534,6 +534,7 @@ class Demo:
         summary["deliveries_after_unsubscribe"] = deliveries_after_unsubscribe(self.world, confirmed)
         summary["provider_refusals"] = provider_refusals(self.world)
         summary["metrics_url"] = self.metrics_url
+        summary["workdir"] = str(self.root)  # removed when the demo stops
         return summary
 
     async def close(self) -> None:

@@ -10,14 +10,9 @@ from pathlib import Path
 DEMO_TIMEOUT_S = 120
 
 
-def demo_dirs() -> set[Path]:
-    return set(Path("/tmp").glob("mtad-demo-*"))
-
-
 def test_demo_delivers_defers_bounces_and_honours_unsubscribes(tmp_path):
     config = tmp_path / "mtad.toml"
     config.write_text("# the demo builds its own world; nothing here is used\n")
-    before = demo_dirs()
     result = subprocess.run(
         [sys.executable, "-m", "mtad", "--config", str(config), "demo", "--messages", "200", "--json"],
         capture_output=True,
@@ -35,5 +30,5 @@ def test_demo_delivers_defers_bounces_and_honours_unsubscribes(tmp_path):
     assert summary["still_pending"] == 0
     assert summary["messages_per_s"] > 0
     assert set(summary["latency_ms"]) == {"p50", "p95", "p99"}
-    assert any(key.startswith("mx-throttling: 421") for key in summary["provider_refusals"])
-    assert demo_dirs() <= before  # its temporary directory (cluster included) is gone
+    assert "mx-greylisting: 450 at RCPT" in summary["provider_refusals"]
+    assert not Path(summary["workdir"]).exists()  # its temporary directory (cluster included) is gone
