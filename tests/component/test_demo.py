@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiosmtplib
+import pytest
+
+from mtad.simulate.smtp_sink import GREYLISTED, SmtpSink
+
 DEMO_TIMEOUT_S = 120
 
 
@@ -32,3 +37,20 @@ def test_demo_delivers_defers_bounces_and_honours_unsubscribes(tmp_path):
     assert set(summary["latency_ms"]) == {"p50", "p95", "p99"}
     assert "mx-greylisting: 450 at RCPT" in summary["provider_refusals"]
     assert not Path(summary["workdir"]).exists()  # its temporary directory (cluster included) is gone
+
+
+async def test_a_greylisting_sink_defers_each_recipient_once():
+    async with SmtpSink("127.0.0.2", 0, greylist=True) as sink:
+        client = aiosmtplib.SMTP(hostname=sink.host, port=sink.port, start_tls=False, timeout=10)
+        await client.connect()
+        try:
+            with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+                await client.sendmail("a@x.example", ["bob@y.example"], b"Subject: 1\r\n\r\nx\r\n")
+            assert refused.value.recipients[0].code == 450
+            await client.rset()
+            await client.sendmail("a@x.example", ["Bob@y.example"], b"Subject: 2\r\n\r\nx\r\n")  # same, any case
+        finally:
+            client.close()
+    assert [m.rcpt_tos for m in sink.messages] == [["Bob@y.example"]]
+    assert [r.reply for r in sink.rejections] == [GREYLISTED]
+    assert sink.messages[0].mail_at <= sink.messages[0].received_at
