@@ -154,6 +154,8 @@ def print_summary(summary: dict, demo) -> None:
     table.add_row("latency p50 / p95 / p99", " / ".join(_ms(latency[k]) for k in ("p50", "p95", "p99")))
     console = Console()
     console.print(table)
+    for note in summary.get("notes", []):
+        print(f"note: {note}")
     lines = [
         "Where to look next:",
         f"  the demo's metrics were at {summary['metrics_url']} (stopped with the demo);",

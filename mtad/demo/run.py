@@ -535,6 +535,7 @@ class Demo:
         summary["provider_refusals"] = provider_refusals(self.world)
         summary["metrics_url"] = self.metrics_url
         summary["workdir"] = str(self.root)  # removed when the demo stops
+        summary["notes"] = list(status.notes)
         return summary
 
     async def close(self) -> None:
