@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import aiohttp
 import dkim
 
-from mtad.model import MessageClass
 from mtad.policy.feedback_token import UNSUBSCRIBE, make_token
 from mtad.queue.controls import QueueControls
 from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key

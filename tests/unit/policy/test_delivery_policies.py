@@ -6,7 +6,7 @@ from mtad.model import Claim, RecipientState, Reply
 from mtad.policy.outcome import next_state
 from mtad.policy.rate import TokenBucket, parse_rate
 from mtad.policy.retry import next_attempt_at, retry_delay_s
-from mtad.policy.shaping import ShapeLimits, parse_shaping
+from mtad.policy.shaping import parse_shaping
 from mtad.policy.throttling import is_throttling_reply
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
