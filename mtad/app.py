@@ -115,6 +115,7 @@ class Daemon:
         self.wakeup: QueueWakeup | None = None
         self.http: HttpServer | None = None
         self.feedback_servers: list[asyncio.Server] = []
+        self.pending_recipients = 0  # refreshed by the gauge task, for back-pressure
         self._feedback_sessions: set = set()
         self.shaping = load_shaping(settings)
 
@@ -132,7 +133,9 @@ class Daemon:
             await self._start_http(settings)
         listeners_up = lambda: bool(self.listeners and self.listeners.servers)  # noqa: E731
         self._tasks.append(
-            asyncio.create_task(keep_gauges_fresh(self.pool, settings.queue.gauge_interval, listeners_up))
+            asyncio.create_task(
+                keep_gauges_fresh(self.pool, settings.queue.gauge_interval, listeners_up, self._set_depth)
+            )
         )
         self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
         if settings.delivery.enabled:
@@ -186,6 +189,7 @@ class Daemon:
             verifier=self.verifier,
             on_queued=arrivals.queued,
             privacy=self.privacy,
+            queue_depth=lambda: self.pending_recipients,
         )
         self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
         await self.listeners.start()
@@ -234,6 +238,9 @@ class Daemon:
             bounce_rules=self.bounce_rules,
         )
         return runner
+
+    def _set_depth(self, pending_recipients: int) -> None:
+        self.pending_recipients = pending_recipients
 
     def _suppressed_locally(self, payload: str) -> None:
         """Tell this node's deliveries at once (other nodes hear the NOTIFY a moment later)."""

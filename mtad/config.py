@@ -69,6 +69,9 @@ class SubmissionSettings:
     failed_login_window: Duration = 300.0
     idle_timeout: Duration = 300.0
     trusted_networks: tuple[TrustedNetwork, ...] = ()
+    max_connections: int = 1000  # open submission connections in all; more get 421
+    max_connections_per_client: int = 100  # per client address
+    max_queue_recipients: int = 0  # back-pressure: MAIL gets 452 while this many are pending; 0 = no limit
 
 
 @dataclass(frozen=True)

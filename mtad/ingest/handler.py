@@ -34,6 +34,7 @@ from mtad.policy.admission import (
     admit_sender,
     from_header_domains,
 )
+from mtad.policy.connection_limits import over_queue_limit
 from mtad.policy.log_privacy import LogPrivacy
 from mtad.policy.login_throttle import LoginThrottle
 from mtad.policy.message_class import classify_message, strip_owned_headers
@@ -64,8 +65,10 @@ class SubmissionHandler:
         wall_clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
         privacy: LogPrivacy = LogPrivacy(),
+        queue_depth: Callable[[], int] = lambda: 0,
     ) -> None:
         self.privacy = privacy
+        self._queue_depth = queue_depth
         self.hostname = hostname
         self._on_queued = on_queued
         self.store = store
@@ -110,6 +113,9 @@ class SubmissionHandler:
     async def handle_MAIL(self, server, session: SubmissionSession, envelope: SubmissionEnvelope, address, options):
         if self.draining:
             return SHUTTING_DOWN
+        full = over_queue_limit(self._queue_depth(), self.settings.max_queue_recipients)
+        if full is not None:
+            return full
         try:
             tenant = await self._tenant_of(session)
         except DATABASE_UNAVAILABLE:

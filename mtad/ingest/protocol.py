@@ -16,6 +16,7 @@ from typing import AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mtad.model import EnvelopeRecipient, Tenant
+from mtad.policy.connection_limits import ConnectionLimits
 from mtad.policy.replies import with_enhanced_code
 
 
@@ -34,9 +35,18 @@ class SubmissionEnvelope(Envelope):
 
 
 class SubmissionSMTP(SMTP):
-    def __init__(self, handler: object, *, registry: set[SubmissionSMTP], **kwargs: object) -> None:
+    def __init__(
+        self,
+        handler: object,
+        *,
+        registry: set[SubmissionSMTP],
+        limits: ConnectionLimits | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self._registry = registry
+        self._limits = limits
+        self._admitted_client: str | None = None
 
     def _create_session(self) -> SubmissionSession:
         return SubmissionSession(self.loop)
@@ -45,11 +55,25 @@ class SubmissionSMTP(SMTP):
         return SubmissionEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._limits is not None and self._admitted_client is None:  # not again after STARTTLS
+            peer = transport.get_extra_info("peername")
+            client = peer[0] if isinstance(peer, tuple) else str(peer)
+            refusal = self._limits.admit(client)
+            if refusal is not None:
+                transport.write(refusal.encode("ascii") + b"\r\n")
+                transport.close()
+                return
+            self._admitted_client = client
         super().connection_made(transport)
         self.session.tls = transport.get_extra_info("ssl_object") is not None
         self._registry.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted_client is None and self._limits is not None:
+            return  # refused at connect: aiosmtpd never started a session
+        if self._limits is not None:
+            self._limits.release(self._admitted_client)
+            self._admitted_client = None
         self._registry.discard(self)
         super().connection_lost(error)
 

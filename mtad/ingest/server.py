@@ -13,6 +13,7 @@ from collections.abc import Callable
 from mtad.config import Settings
 from mtad.ingest.handler import SubmissionHandler
 from mtad.ingest.protocol import SubmissionSMTP
+from mtad.policy.connection_limits import ConnectionLimits
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
@@ -35,13 +36,18 @@ class SubmissionListeners:
         self._tls_context = tls_context
         self.sessions: set[SubmissionSMTP] = set()
         self.servers: list[asyncio.Server] = []
+        submission = settings().submission
+        self.limits = ConnectionLimits(submission.max_connections, submission.max_connections_per_client)
 
     def _factory(self, implicit_tls: bool) -> Callable[[], SubmissionSMTP]:
         def make_protocol() -> SubmissionSMTP:
             settings = self._settings()  # read per connection, so a reload applies to new connections
+            self.limits.max_total = settings.submission.max_connections
+            self.limits.max_per_client = settings.submission.max_connections_per_client
             return SubmissionSMTP(
                 self._handler,
                 registry=self.sessions,
+                limits=self.limits,
                 hostname=settings.hostname,
                 ident="ESMTP mtad",
                 data_size_limit=settings.submission.max_message_size,

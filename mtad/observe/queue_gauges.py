@@ -26,25 +26,35 @@ _CAPPED_COUNT = {
 }
 
 
-async def refresh_queue_gauges(pool: asyncpg.Pool, cap: int = 100_000) -> None:
+async def refresh_queue_gauges(pool: asyncpg.Pool, cap: int = 100_000) -> int:
+    """Refresh the gauges; returns the recipients still in the queue (for back-pressure)."""
     sql = queries()
+    pending = 0
     async with pool.acquire() as conn:
         for state, index in _PENDING_STATES.items():
             count = await conn.fetchval(_CAPPED_COUNT[state], cap)
             if count >= cap:
                 count = max(count, await conn.fetchval(sql["estimate_rows"], index) or 0)
             QUEUE_RECIPIENTS.labels(state).set(count)
+            pending += count
         oldest = await conn.fetchval(sql["oldest_pending_queued_at"])
     QUEUE_OLDEST_AGE.set((datetime.now(timezone.utc) - oldest).total_seconds() if oldest else 0)
+    return pending
 
 
-async def keep_gauges_fresh(pool: asyncpg.Pool, interval_s: float, listeners_up: Callable[[], bool]) -> None:
-    """Also keeps mtad_db_up and mtad_ready current without anyone probing /readyz."""
+async def keep_gauges_fresh(
+    pool: asyncpg.Pool,
+    interval_s: float,
+    listeners_up: Callable[[], bool],
+    on_depth: Callable[[int], None] = lambda pending: None,
+) -> None:
+    """Also keeps mtad_db_up and mtad_ready current without anyone probing /readyz, and tells `on_depth`
+    how many recipients are pending (submission's back-pressure)."""
     while True:
         DB_POOL.labels("in_use").set(pool.get_size() - pool.get_idle_size())
         DB_POOL.labels("idle").set(pool.get_idle_size())
         try:
-            await asyncio.wait_for(refresh_queue_gauges(pool), timeout=max(1.0, interval_s))
+            on_depth(await asyncio.wait_for(refresh_queue_gauges(pool), timeout=max(1.0, interval_s)))
             database_ok = True
         except (*DATABASE_UNAVAILABLE, asyncio.TimeoutError):
             database_ok = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiosmtplib
@@ -258,3 +259,56 @@ async def test_utf8_addresses_are_accepted_with_smtputf8(daemon, pool):
     await client.close()
     (message,) = await stored_messages(pool)
     assert await recipients_of(pool, message["queue_id"]) == [("jörg@bücher.example", "xn--bcher-kva.example", "queued")]
+
+
+async def test_a_client_over_its_connection_limit_gets_421_and_others_are_unaffected(db_url, tenants, tmp_path):
+    from support.daemon import start_in_process
+
+    daemon = await start_in_process(db_url, tmp_path, max_connections_per_client=2)
+    try:
+        port, _ = ports_of(daemon)
+        first, _ = await RawSMTP.open(port)
+        second, _ = await RawSMTP.open(port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(reader.readline(), 10)
+        assert refused.startswith(b"421 4.7.0")
+        writer.close()
+        await first.close()  # a slot frees up when a connection ends
+        await asyncio.sleep(0.2)
+        third, _ = await RawSMTP.open(port)
+        assert (await third.command("NOOP"))[0] == 250
+        await second.close()
+        await third.close()
+    finally:
+        await daemon.stop()
+
+
+async def test_submission_answers_452_while_the_queue_is_over_its_limit(db_url, tenants, pool, tmp_path):
+    from support.daemon import daemon_document
+
+    from mtad.app import Daemon
+    from mtad.config import parse_settings
+
+    document = daemon_document(db_url, tmp_path, max_queue_recipients=2)
+    document["queue"]["gauge_interval"] = "100ms"
+    daemon = Daemon(parse_settings(document, {}), None)
+    await daemon.start()
+    try:
+        port, _ = ports_of(daemon)
+        client, _ = await RawSMTP.open(port)
+        await client.authenticated("acme", PASSWORD)
+        for rcpt in ("a@example.net", "b@example.net"):
+            assert (await client.command("MAIL FROM:<news@acme.example>"))[0] == 250
+            await client.command(f"RCPT TO:<{rcpt}>")
+            await client.command("DATA")
+            assert (await client.command(MESSAGE + b"."))[0] == 250
+        for _ in range(50):
+            code, text = await client.command("MAIL FROM:<news@acme.example>")
+            if code != 250:
+                break
+            await client.command("RSET")
+            await asyncio.sleep(0.1)
+        assert (code, text[4:9]) == (452, "4.3.1")
+        await client.close()
+    finally:
+        await daemon.stop()
