@@ -27,7 +27,7 @@ from mtad.model import Reply
 from mtad.observe.logs import log_event
 from mtad.observe.metrics import BOUNCES, COMPLAINTS, UNSUBSCRIBES
 from mtad.policy.bounce_rules import BounceRules
-from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, read_token
+from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, read_feedback_address, read_token
 from mtad.policy.log_privacy import LogPrivacy
 
 log = logging.getLogger("mtad.feedback")
@@ -65,17 +65,13 @@ class FeedbackHandler:
 
     def target_of(self, address: str) -> Target | None:
         local, _, domain = address.rpartition("@")
-        if not self._domain or domain.lower() != self._domain:
-            return None
-        local = local.lower()
-        if local in self._fbl:
+        if self._domain and domain.lower() == self._domain and local.lower() in self._fbl:
             return Target("fbl")
-        prefix, _, token = local.partition("-")
-        purpose = {"b": BOUNCE, "u": UNSUBSCRIBE}.get(prefix)
-        ids = read_token(self._key, purpose, token) if purpose else None
-        if ids is None:
+        found = read_feedback_address(self._key, address, self._domain)
+        if found is None:
             return None
-        return Target("bounce" if prefix == "b" else "unsubscribe", *ids)
+        purpose, tenant_id, recipient_id = found
+        return Target("bounce" if purpose == BOUNCE else "unsubscribe", tenant_id, recipient_id)
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         envelope.mail_from = address

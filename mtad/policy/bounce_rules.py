@@ -76,12 +76,6 @@ class BounceRules:
     rules: tuple[BounceRule, ...] = ()
 
 
-def default_rules() -> BounceRules:
-    """No text rules: the enhanced-status-code fallback alone. Policy reads no files; the rules operators
-    edit are config/bounce_rules.toml, loaded by mtad.feedback.parse.load_bounce_rules."""
-    return BounceRules()
-
-
 def parse_bounce_rules(document: Mapping[str, Any]) -> BounceRules:
     """The compiled rules of a parsed bounce_rules.toml; ValueError naming the rule (1-based) and key."""
     if not isinstance(document, Mapping):

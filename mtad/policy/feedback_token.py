@@ -46,8 +46,16 @@ def verp_address(key: bytes, tenant_id: int, recipient_id: int, bounce_domain: s
     return f"b-{make_token(key, BOUNCE, tenant_id, recipient_id)}@{bounce_domain}"
 
 
-def read_verp_address(key: bytes, address: str, bounce_domain: str) -> tuple[int, int] | None:
+_PREFIX_PURPOSE = {"b": BOUNCE, "u": UNSUBSCRIBE}
+
+
+def read_feedback_address(key: bytes, address: str, bounce_domain: str) -> tuple[bytes, int, int] | None:
+    """(purpose, tenant_id, recipient_id) of `b-TOKEN@bounce_domain` (VERP) or `u-TOKEN@…` (mailto unsubscribe),
+    or None for any other or forged address."""
     local, _, domain = address.rpartition("@")
-    if domain.lower() != bounce_domain.lower() or not local.lower().startswith("b-"):
+    if not bounce_domain or domain.lower() != bounce_domain.lower():
         return None
-    return read_token(key, BOUNCE, local[2:])
+    prefix, _, token = local.lower().partition("-")
+    purpose = _PREFIX_PURPOSE.get(prefix)
+    ids = read_token(key, purpose, token) if purpose else None
+    return (purpose, *ids) if ids else None

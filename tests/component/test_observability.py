@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mtad.simulate.remote_world import RemoteWorld
 from support.daemon import start_delivering, write_shaping
-from test_delivery import queue_messages
+from support.queue import queue_messages
 
 
 async def scrape(base: str) -> dict[tuple[str, tuple], float]:

@@ -15,7 +15,6 @@ from mtad.policy.bounce_rules import (
     BounceRules,
     Classification,
     classify_reply,
-    default_rules,
     parse_bounce_rules,
     split_reply,
 )
@@ -144,7 +143,7 @@ def test_shipped_rules_classify_reply_lines(rules, line, category, hard):
     ],
 )
 def test_without_a_matching_rule_the_enhanced_status_code_decides(enhanced, category, hard):
-    assert classify_reply(default_rules(), None, enhanced, "") == Classification(category, hard)
+    assert classify_reply(BounceRules(), None, enhanced, "") == Classification(category, hard)
     assert classify_reply(BounceRules(), None, enhanced, "some words no rule knows") == Classification(category, hard)
 
 

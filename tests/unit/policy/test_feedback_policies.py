@@ -4,7 +4,7 @@ import pytest
 
 from mtad.model import Claim, MessageClass
 from mtad.policy.admission import Refusal
-from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, make_token, read_token, read_verp_address, verp_address
+from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, make_token, read_feedback_address, read_token, verp_address
 from mtad.policy.message_class import ClassDecision, classify_message, list_identity, strip_owned_headers
 from mtad.policy.recent_suppressions import RecentSuppressions
 
@@ -41,9 +41,12 @@ def test_verp_addresses_round_trip_and_need_the_bounce_domain():
     address = verp_address(KEY, 3, 99, "bounces.example")
     assert address.startswith("b-") and address.endswith("@bounces.example")
     assert len(address.split("@")[0]) <= 64
-    assert read_verp_address(KEY, address, "bounces.example") == (3, 99)
-    assert read_verp_address(KEY, address.upper(), "bounces.example") == (3, 99)
-    assert read_verp_address(KEY, address, "other.example") is None
+    assert read_feedback_address(KEY, address, "bounces.example") == (BOUNCE, 3, 99)
+    assert read_feedback_address(KEY, address.upper(), "bounces.example") == (BOUNCE, 3, 99)
+    assert read_feedback_address(KEY, address, "other.example") is None
+    mailto = f"u-{make_token(KEY, UNSUBSCRIBE, 3, 99)}@bounces.example"
+    assert read_feedback_address(KEY, mailto, "bounces.example") == (UNSUBSCRIBE, 3, 99)
+    assert read_feedback_address(KEY, "b-" + mailto[2:], "bounces.example") is None  # purpose is signed
 
 
 @pytest.mark.parametrize(
