@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,3 +174,138 @@ async def start_delivering(
     daemon = Daemon(parse_settings(document, {}), None)
     await daemon.start()
     return daemon
+
+
+def delivering_process_document(
+    db_url: str, state_dir: Path, world, shaping_path: Path, queue: dict | None = None, **delivery: object
+) -> dict:
+    """A `mtad run` config that submits and delivers into a RemoteWorld (crash and fault tests)."""
+    document = daemon_document(db_url, state_dir)
+    document["database"] = {**document["database"], "pool_max_size": 8}
+    document["delivery"] = delivery_document(world, shaping_path, **delivery)
+    document["queue"] = {"reclaim_interval": "1s", "poll_interval": "1s", "lease": "10s", **(queue or {})}
+    return document
+
+
+# -- a bounded submission load ------------------------------------------------------------------------
+
+# AssertionError: RawSMTP asserts a 220 greeting and a 220 to STARTTLS (a draining daemon answers 421).
+_CONNECTION_TROUBLE = (OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError, AssertionError)
+
+
+@dataclass
+class Attempt:
+    """One message offered over SMTP: its recipients, the reply to its end of DATA (0: none), and when."""
+
+    number: int
+    recipients: list[str]
+    code: int = 0
+    sent_at: float = 0.0  # time.monotonic() when the final dot went out (0: never got that far)
+    replied_at: float = 0.0
+
+
+@dataclass
+class SubmissionLoad:
+    """`sessions` SMTP clients submit messages until `messages` were answered 250, `max_attempts` were
+    offered, or `deadline_s` passed, whichever comes first: bounded in count and in time.
+
+    Every message gets fresh recipients from `recipients_of(number)` and carries its number in an
+    `X-Load-Id` header; a client that loses its connection, or gets a 4xx where it needs a 2xx, records
+    the attempt as not accepted and reconnects (to `port()`, which may change across daemon restarts)."""
+
+    port: Callable[[], int | None]
+    recipients_of: Callable[[int], list[str]]
+    messages: int
+    sessions: int = 4
+    deadline_s: float = 120.0
+    max_attempts: int = 0  # 0: three times `messages`
+    sender: str = "news@acme.example"
+    login: tuple[str, str] = ("acme", PASSWORD)
+    attempts: list[Attempt] = field(default_factory=list)
+    session_replies: list[tuple[float, int]] = field(default_factory=list)  # (when, code) of AUTH/MAIL refusals
+
+    def __post_init__(self) -> None:
+        self._numbers = iter(range(1, (self.max_attempts or 3 * self.messages) + 1))
+
+    @property
+    def accepted(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.code == 250]
+
+    @property
+    def not_accepted(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.code != 250]
+
+    def accepted_recipients(self) -> set[str]:
+        return {r for a in self.accepted for r in a.recipients}
+
+    async def run(self) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        await asyncio.gather(*(self._session(deadline) for _ in range(self.sessions)))
+
+    async def until_accepted(self, count: int, timeout_s: float = 60) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while len(self.accepted) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return len(self.accepted) >= count
+
+    def _done(self, deadline: float) -> bool:
+        return len(self.accepted) >= self.messages or time.monotonic() > deadline
+
+    async def _session(self, deadline: float) -> None:
+        from support.smtp_client import RawSMTP
+
+        while not self._done(deadline):
+            port = self.port()
+            client = None
+            try:
+                if port is None:
+                    raise ConnectionRefusedError("daemon not running")
+                client, _ = await RawSMTP.open(port)
+                if not await self._log_in(client):
+                    raise ConnectionResetError("login refused")
+                while not self._done(deadline):
+                    number = next(self._numbers, None)
+                    if number is None:
+                        return
+                    attempt = Attempt(number, self.recipients_of(number))
+                    self.attempts.append(attempt)
+                    if not await self._submit(client, attempt):
+                        break
+            except _CONNECTION_TROUBLE:
+                pass
+            finally:
+                if client is not None:
+                    client.writer.transport.abort()
+            await asyncio.sleep(0.1)
+
+    async def _log_in(self, client) -> bool:
+        await client.command("EHLO load.test")
+        await client.starttls()
+        await client.command("EHLO load.test")
+        code, _ = await client.login(*self.login)
+        if code != 235:
+            self.session_replies.append((time.monotonic(), code))
+        return code == 235
+
+    async def _submit(self, client, attempt: Attempt) -> bool:
+        """False when the session should be dropped (any reply but the expected one)."""
+        code, _ = await client.command(f"MAIL FROM:<{self.sender}>")
+        if code != 250:
+            self.session_replies.append((time.monotonic(), code))
+            return False
+        for rcpt in attempt.recipients:
+            if (await client.command(f"RCPT TO:<{rcpt}>"))[0] != 250:
+                return False
+        if (await client.command("DATA"))[0] != 354:
+            return False
+        body = (
+            f"From: {self.sender}\r\nSubject: load {attempt.number}\r\n"
+            f"Message-ID: <load-{attempt.number}@load.test>\r\nX-Load-Id: {attempt.number}\r\n\r\n"
+            f"message {attempt.number}\r\n."
+        ).encode()
+        attempt.sent_at = time.monotonic()
+        attempt.code, _ = await client.command(body)
+        attempt.replied_at = time.monotonic()
+        if attempt.code != 250:
+            await client.command("RSET")
+        return attempt.code == 250 or 400 <= attempt.code < 500 and attempt.code != 421
