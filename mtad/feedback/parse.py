@@ -15,9 +15,11 @@ Each recipient's reply is classified with the bounce rules (mtad.policy.bounce_r
 field wins over the enhanced code inside its Diagnostic-Code. Only a "failed" recipient can be hard.
 
 Pure like policy/: no I/O, no clock. It never raises: whatever goes wrong in the email package or here
-becomes kind "unknown" with the reason. Work is bounded: the first MAX_MESSAGE_BYTES of a message, at
-most MAX_PARTS MIME parts, MAX_TEXT_CHARS of any text searched. `load_bounce_rules` is the one function in
-this module that reads a file.
+becomes kind "unknown" with the reason. Its output is bounded and clean: every string is one line without
+control characters (PostgreSQL text refuses NUL, and the values go into logs and event rows) and within
+the lengths of `_FIELD_LIMITS`; an address that is too long or not one line is dropped, not cut.
+Work is bounded: the first MAX_MESSAGE_BYTES of a message, at most MAX_PARTS MIME parts, MAX_TEXT_CHARS
+of any text searched. `load_bounce_rules` is the one function in this module that reads a file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import email
 import html
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import compat32
@@ -106,6 +108,11 @@ _DELAYED = re.compile(
 )
 _PERMANENT = re.compile(r"permanent (error|fatal)|failed permanently|I've given up|not going to try again", re.I)
 _MESSAGE_ID = re.compile(r"<[^<>\s]{1,250}>")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+MAX_ADDRESS_CHARS = 320  # RFC 5321 4.5.3.1: 64 octets of local part, @, 255 of domain
+_FIELD_LIMITS = {"diagnostic": 1000, "remote_mta": 255, "feedback_type": 64, "reason": 300,
+                 "original_message_id": MAX_HEADER_CHARS}
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,54 @@ def load_bounce_rules(path: Path | None) -> BounceRules:
 
 def parse_feedback(message: bytes, rules: BounceRules) -> FeedbackVerdict:
     try:
-        return _parse(bytes(message[:MAX_MESSAGE_BYTES]), rules)
+        return _bounded(_parse(bytes(message[:MAX_MESSAGE_BYTES]), rules))
     except Exception as exc:  # noqa: BLE001 - the contract is "never raises": broken input is "unknown"
-        return FeedbackVerdict(kind="unknown", reason=f"unparseable message ({type(exc).__name__}: {exc})"[:200])
+        return _bounded(FeedbackVerdict(kind="unknown", reason=f"unparseable message ({type(exc).__name__}: {exc})"))
+
+
+# --- what comes out: one-line strings of bounded length -------------------------------------------------
+
+
+def _bounded(verdict: FeedbackVerdict) -> FeedbackVerdict:
+    reports = tuple(
+        replace(
+            report,
+            recipient=address,
+            status=report.status if report.status and _STATUS.fullmatch(report.status) else None,
+            diagnostic=_one_clean_line(report.diagnostic, "diagnostic"),
+            remote_mta=_one_clean_line(report.remote_mta, "remote_mta"),
+        )
+        for report in verdict.recipients
+        if (address := _clean_address(report.recipient)) is not None
+    )
+    headers = {
+        name: _one_clean_line(value, "original_message_id") or ""
+        for name, value in verdict.original_headers.items()
+        if not _CONTROL.search(name)
+    }
+    return replace(
+        verdict,
+        recipients=reports,
+        complained_recipient=_clean_address(verdict.complained_recipient),
+        feedback_type=_one_clean_line(verdict.feedback_type, "feedback_type"),
+        original_message_id=_one_clean_line(verdict.original_message_id, "original_message_id"),
+        original_envelope_from=_clean_address(verdict.original_envelope_from),
+        original_headers=headers,
+        reason=_one_clean_line(verdict.reason, "reason") or verdict.kind,
+    )
+
+
+def _one_clean_line(text: str | None, name: str) -> str | None:
+    if text is None:
+        return None
+    return " ".join(_CONTROL.sub(" ", text).split())[: _FIELD_LIMITS[name]] or None
+
+
+def _clean_address(address: str | None) -> str | None:
+    """An address as found, or None when it cannot be one: too long, or with a control character."""
+    if not address or len(address) > MAX_ADDRESS_CHARS or _CONTROL.search(address) or "@" not in address:
+        return None
+    return address
 
 
 def _parse(data: bytes, rules: BounceRules) -> FeedbackVerdict:
