@@ -5,11 +5,18 @@ offered (opportunistic), required when the shape says `tls = "required"`, and th
 against the MX host *name* (never the IP) when `tls_verify` is on. Failures become values:
 `SessionFailure` for anything that says nothing about the recipients (connect, greeting, TLS, a dropped
 connection), so the caller can give the window negative feedback and retry the recipients elsewhere.
+
+Timeouts (RFC 5321 4.5.3.2): `connect_s` bounds the TCP handshake only; the 220 greeting, EHLO and STARTTLS
+are commands and get `command_s` (4.5.3.2.1: "Initial 220 Message: 5 Minutes"), so a slow-to-greet server
+is given the time the RFC asks for, and a stall ends with a reason naming what we waited for and how long.
+A reply that is not SMTP at all (no three-digit code) is a protocol error of the session, never a reply
+class: it becomes a 451 4.5.0 and the connection is not used again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -69,9 +76,17 @@ class OutboundConnection:
             self.client.close()
 
 
+def is_smtp_reply_code(code: int) -> bool:
+    """aiosmtplib reports a line without a reply code as code -1; RFC 5321 4.2 codes are 2xx to 5xx."""
+    return 200 <= code <= 599
+
+
 def reply_of(code: int, message: str) -> Reply:
-    """aiosmtplib gives the code and the rest of the text; split off an RFC 3463 enhanced code."""
+    """aiosmtplib gives the code and the rest of the text; split off an RFC 3463 enhanced code.
+    A code that is no SMTP reply code becomes 451 4.5.0 (protocol error): temporary, never a verdict."""
     text = " ".join(message.split())
+    if not is_smtp_reply_code(code):
+        return Reply(451, "4.5.0", f"invalid SMTP reply: {text}"[:300])
     first, _, rest = text.partition(" ")
     parts = first.split(".")
     if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] == str(code)[0]:
@@ -96,19 +111,24 @@ async def open_connection(
 
 
 async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_context) -> OutboundConnection:
+    where = f"{mx.name} [{address}]"
+    sock = await _tcp_connect(where, address, port, timeouts.connect_s)
     client = aiosmtplib.SMTP(
         hostname=address,
-        port=port,
+        sock=sock,
         local_hostname=ehlo_name,
         timeout=timeouts.command_s,
         start_tls=False,
         use_tls=False,
     )
+    stage = "greeting"
     try:
-        await asyncio.wait_for(client.connect(timeout=timeouts.connect_s), timeouts.connect_s + timeouts.command_s)
+        await client.connect(timeout=timeouts.command_s)
+        stage = "EHLO"
         await client.ehlo()  # the extensions decide STARTTLS, SMTPUTF8 and 8BITMIME
         tls_version = None
         if limits.tls != "disabled" and client.supports_extension("starttls"):
+            stage = "STARTTLS"
             context = verify_context if limits.tls_verify else _opportunistic_context()
             await client.starttls(server_hostname=mx.name, tls_context=context)
             ssl_object = client.get_transport_info("ssl_object")
@@ -118,18 +138,45 @@ async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_conte
     except SessionFailure:
         client.close()
         raise
-    except aiosmtplib.SMTPConnectResponseError as exc:
+    except aiosmtplib.SMTPResponseException as exc:  # a refusing greeting (SMTPConnectResponseError) included
         client.close()
         reply = reply_of(exc.code, exc.message)
-        raise SessionFailure(reply, throttled=exc.code == 421) from None
-    except aiosmtplib.SMTPResponseException as exc:
+        raise SessionFailure(_at(reply, where, stage), throttled=exc.code == 421) from None
+    except (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError):
         client.close()
-        raise SessionFailure(reply_of(exc.code, exc.message), throttled=exc.code == 421) from None
+        waited = f"no {stage} reply within {timeouts.command_s:g}s (command_timeout)"
+        raise SessionFailure(Reply(451, "4.4.2", f"{where}: {waited}")) from None
     except CONNECTION_ERRORS as exc:
         client.close()
-        raise SessionFailure(Reply(451, "4.4.1", f"{mx.name} [{address}]: {type(exc).__name__}: {exc}"[:300])) from None
+        raise SessionFailure(Reply(451, "4.4.2", f"{where}: {stage}: {type(exc).__name__}: {exc}"[:300])) from None
     now = time.monotonic()
     return OutboundConnection(client, mx, address, tls_version, now, now)
+
+
+async def _tcp_connect(where: str, address: str, port: int, timeout_s: float) -> socket.socket:
+    """The TCP handshake alone, bounded by connect_timeout (aiosmtplib would bound the greeting with it too)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeout_s)
+    except asyncio.TimeoutError:
+        sock.close()
+        raise SessionFailure(Reply(451, "4.4.1", f"{where}: connect: no answer within {timeout_s:g}s")) from None
+    except OSError as exc:
+        sock.close()
+        raise SessionFailure(Reply(451, "4.4.1", f"{where}: connect: {type(exc).__name__}: {exc}"[:300])) from None
+    except BaseException:  # cancelled: do not leak the descriptor
+        sock.close()
+        raise
+    return sock
+
+
+def _at(reply: Reply, where: str, stage: str) -> Reply:
+    """A session-level refusal, with where and when it came, so the recorded reason says it."""
+    if reply.code == 451 and reply.enhanced == "4.5.0":  # ours: a line that was not SMTP
+        return Reply(451, "4.5.0", f"{where}: {stage}: {reply.text}"[:300])
+    return reply
 
 
 def _opportunistic_context() -> ssl.SSLContext:

@@ -5,6 +5,9 @@ Out: `TransactionResult`: each recipient's reply (what the remote server said, o
      lost" when it said nothing), whether the connection can carry another message, and the throttling
      reply if the server asked us to slow down.
 Only replies are returned here; classifying them into outcomes is the caller's (pure) business.
+A stall is bounded by `command_timeout` (RSET, MAIL, RCPT) or `data_timeout` (DATA and the final ".",
+RFC 5321 4.5.3.2) and recorded as "no reply to <stage> within Ns"; a line that is not SMTP (no reply code)
+ends the session like a lost connection: after it, nothing the server says can be paired with our commands.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from mtad.deliver.connection import CONNECTION_ERRORS, OutboundConnection, Timeouts, reply_of
+from mtad.deliver.connection import CONNECTION_ERRORS, OutboundConnection, Timeouts, is_smtp_reply_code, reply_of
 from mtad.model import Reply
 from mtad.policy.throttling import is_throttling_reply
 
@@ -44,6 +47,7 @@ async def run_transaction(
     result = TransactionResult()
     client = conn.client
     pending = dict(recipients)
+    stage = "RSET"
     try:
         if conn.deliveries:
             await client.rset()  # a cheap probe that the reused connection is still alive and in a clean state
@@ -60,16 +64,22 @@ async def run_transaction(
             options.append("SMTPUTF8")
         if client.supports_extension("8bitmime") and not message.isascii():
             options.append("BODY=8BITMIME")
+        stage = "MAIL FROM"
         try:
             await client.mail(mail_from, options=options, encoding="utf-8" if smtputf8 else "ascii")
         except aiosmtplib.SMTPResponseException as exc:
+            if not is_smtp_reply_code(exc.code):
+                raise
             return _refused(result, pending, reply_of(exc.code, exc.message), throttle_patterns)
         accepted = []
+        stage = "RCPT TO"
         for recipient_id, address in recipients:
             try:
                 await client.rcpt(address, encoding="utf-8" if smtputf8 else "ascii")
                 accepted.append(recipient_id)
             except aiosmtplib.SMTPResponseException as exc:
+                if not is_smtp_reply_code(exc.code):
+                    raise
                 reply = reply_of(exc.code, exc.message)
                 result.replies[recipient_id] = reply
                 pending.pop(recipient_id)
@@ -77,21 +87,36 @@ async def run_transaction(
                 if exc.code == 421:
                     return _lost(result, pending, reply)
         if not accepted:
+            stage = "RSET"
             await client.rset()
             return result
+        stage = "DATA"
         try:
             response = await client.data(message, timeout=timeouts.data_s)
             reply = reply_of(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
+            if not is_smtp_reply_code(exc.code):
+                raise
             reply = reply_of(exc.code, exc.message)
             _note_throttle(result, reply, throttle_patterns)
             result.reusable = exc.code != 421
         for recipient_id in accepted:
             result.replies[recipient_id] = reply
             pending.pop(recipient_id, None)
+    except aiosmtplib.SMTPResponseException as exc:  # only a line without a reply code gets here
+        text = " ".join(exc.message.split())
+        return _lost(result, pending, Reply(451, "4.5.0", f"invalid reply to {stage}: {text}"[:300]))
+    except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+        return _lost(result, pending, Reply(451, "4.4.2", f"no reply to {stage} within {_bound(stage, timeouts)}"))
     except CONNECTION_ERRORS as exc:
-        return _lost(result, pending, Reply(451, "4.4.2", f"connection lost: {type(exc).__name__}"))
+        return _lost(result, pending, Reply(451, "4.4.2", f"connection lost during {stage}: {type(exc).__name__}"))
     return result
+
+
+def _bound(stage: str, timeouts: Timeouts) -> str:
+    if stage == "DATA":
+        return f"{timeouts.data_s:g}s (data_timeout)"
+    return f"{timeouts.command_s:g}s (command_timeout)"
 
 
 def _all(result: TransactionResult, pending: dict[int, str], reply: Reply) -> TransactionResult:

@@ -17,9 +17,16 @@ change one field (`sink.behaviour.stall_greeting_s = 0.5`) while the daemon is c
 - a connection cap: above N concurrent sessions, a new connection is greeted with 421 and closed;
 - slow servers: a stalled greeting, a stalled reply to the final "." of DATA;
 - a connection dropped while the client sends the message body;
-- STARTTLS with a self-signed certificate for the sink's hostname (`certificate_pem` lets a test trust it),
-  or STARTTLS advertised but broken (the sink closes the socket right after its 220);
-- something that is not an SMTP server at all (a non-SMTP greeting, then the sink hangs up).
+- a server that accepts the TCP connection and closes it at once, or right after its 220 greeting;
+- STARTTLS with a self-signed certificate for the sink's hostname (`certificate_pem` lets a test trust it;
+  a client that checks certificates against its system CAs refuses it), or STARTTLS advertised but broken:
+  the sink closes the socket right after its 220 (`tls_fails`), or answers the TLS ClientHello with bytes
+  that are not TLS (`tls_garbage_handshake`);
+- something that is not an SMTP server at all (a non-SMTP greeting, then the sink hangs up), or a reply that
+  is not SMTP to the final "." (`data_reply=GARBAGE_REPLY`).
+
+`session_spans` records when each connection opened, when the last "." of DATA arrived on it and when it
+closed, so a test can tell which of the client's timeouts ended a stall.
 
 A message counts as received only once the sink has decided to answer 2xx to its DATA; a client that hangs up
 during `stall_after_data_s` leaves nothing in `messages`.
@@ -50,11 +57,16 @@ log = logging.getLogger(__name__)
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
 TRY_AGAIN_LATER = "421 4.7.0 Try again later"
 GARBAGE_GREETING = "* OK [CAPABILITY IMAP4rev1] Dovecot ready."  # what a mis-pointed MX might say
+GARBAGE_REPLY = "Thank you, your message will be read shortly"  # no reply code: a broken filter's answer
+NOT_TLS = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # what a middlebox might answer to a TLS ClientHello
 ACCEPTED = "250 2.0.0 OK queued"
 RECIPIENT_OK = "250 2.1.5 OK"
 GREYLISTED = "450 4.2.0 Greylisted, please try again later"
 DROPPED = "(connection dropped during DATA)"
 TLS_BROKEN = "(connection closed instead of TLS handshake)"
+TLS_GARBAGE = "(bytes that are not TLS instead of a TLS handshake)"
+CLOSED_ON_CONNECT = "(connection closed before any greeting)"
+CLOSED_AFTER_GREETING = "(connection closed right after the greeting)"
 DROP_READ_TIMEOUT_S = 5.0  # how long a dropping sink waits for the first body bytes before dropping anyway
 STOP_TIMEOUT_S = 5.0
 PORT_ATTEMPTS = 50
@@ -72,7 +84,10 @@ class SinkBehaviour:
     drop_mid_data: bool = False
     starttls: bool = False
     tls_fails: bool = False  # advertise STARTTLS, then close instead of the handshake
+    tls_garbage_handshake: bool = False  # advertise STARTTLS, say 220, then answer the handshake with non-TLS
     garbage_greeting: bool = False
+    close_on_connect: bool = False  # accept the TCP connection and close it without a word
+    close_after_greeting: bool = False  # send the 220 greeting, then close
     greylist: bool = False  # 450 4.2.0 on the first RCPT of each recipient address, accepted from then on
 
 
@@ -86,6 +101,16 @@ class ReceivedMessage:
     received_at: float  # time.monotonic()
     session_id: int
     mail_at: float = 0.0  # time.monotonic() when its MAIL FROM arrived (the start of the attempt, as seen here)
+
+
+@dataclass
+class SessionSpan:
+    """One connection as the sink saw it (time.monotonic() values); data_ended_at: the last "." of DATA."""
+
+    session_id: int
+    opened_at: float
+    closed_at: float
+    data_ended_at: float | None
 
 
 @dataclass
@@ -180,6 +205,7 @@ class _SinkHandler:
         return reply or RECIPIENT_OK
 
     async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
+        server.data_ended_at = time.monotonic()
         stall = self._sink.behaviour.stall_after_data_s
         if stall:
             await asyncio.sleep(stall)
@@ -216,6 +242,8 @@ class _SinkSMTP(SMTP):
         self.session_id = 0
         self.admitted = False
         self.messages_on_connection = 0
+        self.opened_at = time.monotonic()
+        self.data_ended_at: float | None = None
         self._closed_once = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -230,6 +258,12 @@ class _SinkSMTP(SMTP):
             self._closed_once = True
             self.sink._session_closed(self)
 
+    def eof_received(self) -> bool | None:
+        """The client hung up: close our side too. aiosmtpd (via StreamReaderProtocol) would keep a plain
+        connection half-open until its idle timeout, so a stalled session would look alive for 30 s."""
+        super().eof_received()
+        return False  # asyncio closes the transport, and connection_lost records the session's end
+
     async def _handle_client(self) -> None:
         """Everything before the 220 greeting; aiosmtpd sends that greeting first thing in this method."""
         behaviour = self.sink.behaviour
@@ -237,10 +271,19 @@ class _SinkSMTP(SMTP):
             self.sink._reject("CONNECT", TOO_MANY_CONNECTIONS, None, self.session_id)
             await self._hang_up(TOO_MANY_CONNECTIONS)
             return
+        if behaviour.close_on_connect:
+            self.sink._reject("CONNECT", CLOSED_ON_CONNECT, None, self.session_id)
+            if self.transport is not None:
+                self.transport.close()
+            return
         if behaviour.stall_greeting_s:
             await asyncio.sleep(behaviour.stall_greeting_s)
         if behaviour.garbage_greeting:
             await self._hang_up(GARBAGE_GREETING)
+            return
+        if behaviour.close_after_greeting:
+            self.sink._reject("CONNECT", CLOSED_AFTER_GREETING, None, self.session_id)
+            await self._hang_up(f"220 {self.hostname} {self.__ident__}")
             return
         await super()._handle_client()
 
@@ -266,13 +309,22 @@ class _SinkSMTP(SMTP):
             self.transport.abort()
 
     async def smtp_STARTTLS(self, arg: str) -> None:
-        if not (self.sink.behaviour.tls_fails and not arg):
+        behaviour = self.sink.behaviour
+        if arg or not (behaviour.tls_fails or behaviour.tls_garbage_handshake):
             await super().smtp_STARTTLS(arg)
             return
         await self.push("220 2.0.0 Ready to start TLS")
-        self.sink._reject("STARTTLS", TLS_BROKEN, None, self.session_id)
-        if self.transport is not None:
-            self.transport.close()
+        broken = TLS_GARBAGE if behaviour.tls_garbage_handshake else TLS_BROKEN
+        self.sink._reject("STARTTLS", broken, None, self.session_id)
+        if self.transport is None:
+            return
+        if behaviour.tls_garbage_handshake:
+            try:  # let the ClientHello arrive first, so the client is mid-handshake when the junk comes
+                await asyncio.wait_for(self._reader.read(1), DROP_READ_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                pass
+            self.transport.write(NOT_TLS)
+        self.transport.close()
 
     async def _hang_up(self, line: str) -> None:
         """Say one last line and close, as servers do with 421 (RFC 5321 3.8)."""
@@ -311,6 +363,7 @@ class SmtpSink:
         self.current_sessions = 0
         self.max_concurrent_sessions = 0  # the high-water mark; the cap is behaviour.max_concurrent_sessions
         self.transactions_total = 0  # MAIL commands accepted
+        self.session_spans: list[SessionSpan] = []  # closed connections, in the order they closed
         self.greylisted: set[str] = set()  # recipients seen once by a greylisting sink (lower case)
         self._sessions: set[_SinkSMTP] = set()  # every live connection, admitted or not
         self._server: asyncio.Server | None = None
@@ -386,7 +439,7 @@ class SmtpSink:
     # ---- called by the protocol -----------------------------------------------------------------------------
 
     def _new_protocol(self) -> _SinkSMTP:
-        wants_tls = self.behaviour.starttls or self.behaviour.tls_fails
+        wants_tls = self.behaviour.starttls or self.behaviour.tls_fails or self.behaviour.tls_garbage_handshake
         return _SinkSMTP(self, self._tls_material()[1] if wants_tls else None)
 
     def _tls_material(self) -> tuple[str, ssl.SSLContext]:
@@ -409,6 +462,9 @@ class SmtpSink:
 
     def _session_closed(self, session: _SinkSMTP) -> None:
         self._sessions.discard(session)
+        self.session_spans.append(
+            SessionSpan(session.session_id, session.opened_at, time.monotonic(), session.data_ended_at)
+        )
         if session.admitted:
             self.current_sessions -= 1
 
