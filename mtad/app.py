@@ -22,6 +22,10 @@ from pathlib import Path
 
 import asyncpg
 
+from mtad.cluster.membership import Membership
+from mtad.cluster.slots import ConnectionSlots
+from mtad.cluster.store import ClusterStore
+from mtad.cluster.workers import WORKER_ENV, shifted_port, worker_index
 from mtad.config import ConfigError, Settings, load_settings
 from mtad.db.pool import connect
 from mtad.db.embedded import EmbeddedPostgres
@@ -35,6 +39,7 @@ from mtad.ingest.tls import ensure_self_signed, server_context
 from mtad.observe import systemd
 from mtad.observe.health import HealthEndpoints
 from mtad.observe.logs import log_event
+from mtad.observe.metrics import NODE_INFO
 from mtad.observe.tasks import cancel_and_wait
 from mtad.observe.queue_gauges import keep_gauges_fresh, measure_event_loop_lag
 from mtad.deliver.copy import CopyMaker, FeedbackAddressing
@@ -89,6 +94,8 @@ def unsubscribe_base_url(settings: Settings, http: HttpServer | None) -> str:
     """The configured public base, else the first HTTP listener as bound (development only: not https)."""
     if settings.feedback.unsubscribe_url:
         return settings.feedback.unsubscribe_url
+    if worker_index() and settings.http.listen:  # links to worker 0's port: they must outlive this worker
+        return f"http://{settings.http.listen[0]}/u/"
     if http is not None and http.bound:
         host, port = http.bound[0]
         return f"http://{host}:{port}/u/"
@@ -98,6 +105,21 @@ def unsubscribe_base_url(settings: Settings, http: HttpServer | None) -> str:
 def database_url(settings: Settings) -> str:
     cluster = embedded_cluster(settings)
     return cluster.url() if cluster else settings.database.url
+
+
+async def prepare_database(settings: Settings) -> EmbeddedPostgres | None:
+    """Start the embedded cluster when the config uses one and bring the schema up to date (for a supervisor
+    whose workers then find both ready). Returns the cluster if this call started it."""
+    cluster = embedded_cluster(settings)
+    started = cluster if cluster is not None and await asyncio.to_thread(cluster.start) else None
+    conn = await connect(cluster.url() if cluster else settings.database.url, settings.database)
+    try:
+        if settings.database.auto_migrate:
+            await migrate(conn)
+        await check_schema(conn)
+    finally:
+        await conn.close()
+    return started
 
 
 class Daemon:
@@ -118,10 +140,20 @@ class Daemon:
         self.pending_recipients = 0  # refreshed by the gauge task, for back-pressure
         self._feedback_sessions: set = set()
         self.shaping = load_shaping(settings)
+        self.node_id = node_name(settings)
+        self.membership: Membership | None = None
 
     async def start(self) -> None:
         settings = self.settings
         store, url = await self._open_database(settings)
+        cluster_store = ClusterStore(self.pool)
+        self.membership = Membership(
+            cluster_store,
+            self.node_id,
+            settings.cluster,
+            ConnectionSlots(cluster_store, self.node_id, settings.cluster.dead_after),
+        )
+        NODE_INFO.labels(self.node_id, str(worker_index() or 0)).set(1)
         self.verifier = CredentialVerifier(TenantStore(self.pool))
         self.feedback_key = load_or_create_key(settings.feedback.secret_file, settings.state_path)
         self.privacy = LogPrivacy(
@@ -140,6 +172,10 @@ class Daemon:
         self._tasks.append(asyncio.create_task(measure_event_loop_lag()))
         if settings.delivery.enabled:
             self.runner = self._build_runner(store, url)
+            self.membership.runner = self.runner
+        await self.membership.join()
+        self._tasks.append(asyncio.create_task(self.membership.run(), name="cluster-heartbeat"))
+        if self.runner is not None:
             self.runner.start()
         if settings.feedback.listen:
             await self._start_feedback_listener(settings)
@@ -148,7 +184,8 @@ class Daemon:
         interval = systemd.watchdog_interval_s()
         if interval:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        systemd.notify("READY=1\nSTATUS=accepting mail")
+        worker = worker_index()
+        systemd.notify("READY=1\nSTATUS=accepting mail" + (f"\n{WORKER_ENV}={worker}" if worker is not None else ""))
         log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
 
     async def _open_database(self, settings: Settings) -> tuple[QueueStore, str]:
@@ -175,7 +212,9 @@ class Daemon:
             privacy=self.privacy,
         )
         health = HealthEndpoints(self.pool, lambda: bool(self.listeners and self.listeners.servers))
-        self.http = HttpServer(settings.http.listen, endpoint.routes() + health.routes())
+        # Worker k of `mtad run --workers N` listens on the configured ports + k: each is its own scrape target.
+        listen = tuple(shifted_port(address, worker_index() or 0) for address in settings.http.listen)
+        self.http = HttpServer(listen, endpoint.routes() + health.routes())
         await self.http.start()
 
     async def _start_submission(self, settings: Settings, store: QueueStore) -> None:
@@ -191,7 +230,9 @@ class Daemon:
             privacy=self.privacy,
             queue_depth=lambda: self.pending_recipients,
         )
-        self.listeners = SubmissionListeners(self.handler, lambda: self.settings, lambda: self._tls)
+        self.listeners = SubmissionListeners(
+            self.handler, lambda: self.settings, lambda: self._tls, reuse_port=worker_index() is not None
+        )
         await self.listeners.start()
 
     def _build_runner(self, store: QueueStore, url: str) -> DeliveryRunner:
@@ -200,7 +241,7 @@ class Daemon:
         wakeup = QueueWakeup(lambda: connect(url, settings.database), on_suppressed=lambda p: runner.suppressed(p))
         self.wakeup = wakeup
         self._tasks.append(asyncio.create_task(wakeup.run(), name="queue-listener"))
-        owner = node_name(settings)
+        owner = self.node_id
         clock = lambda: datetime.now(timezone.utc)  # noqa: E731
         resolver = RouteResolver(
             nameservers=delivery.nameservers,
@@ -236,6 +277,8 @@ class Daemon:
             ehlo_name=delivery.ehlo_name or settings.hostname,
             lease_s=settings.queue.lease,
             bounce_rules=self.bounce_rules,
+            slots=self.membership.slots,
+            announce_throttle=self.membership.announce_throttle,
         )
         return runner
 
@@ -275,6 +318,7 @@ class Daemon:
                     host,
                     port,
                     reuse_address=True,
+                    reuse_port=worker_index() is not None,
                 )
             )
 
@@ -363,6 +407,8 @@ class Daemon:
             await self.http.stop()
         systemd.notify("STOPPING=1")
         await cancel_and_wait(self._tasks)
+        if self.membership is not None:
+            await self.membership.leave()  # after the heartbeat task, which would register us again
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), 10)

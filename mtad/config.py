@@ -128,6 +128,15 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Several nodes on one PostgreSQL: membership by heartbeat, site limits shared by the whole cluster."""
+
+    heartbeat_interval: Duration = 2.0  # how often a node says it is alive and renews its connection slots
+    dead_after: Duration = 15.0  # a node silent this long counts as dead; its connection slots lapse
+    workers: int = 1  # processes of `mtad run` on this host, sharing the listeners (SO_REUSEPORT)
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -147,6 +156,7 @@ class Settings:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property

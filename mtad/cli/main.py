@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from mtad.cli import bounce, database, demo, dkim, events, queue, suppress, tenants, top
+from mtad.cli import bounce, database, demo, dkim, events, nodes, queue, suppress, tenants, top
 from mtad.config import ConfigError, find_config_path, load_settings
 
 
@@ -15,7 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtad", description="mtad, the mail delivery daemon of HTML-mailing")
     parser.add_argument("--config", help="config file (default: $MTAD_CONFIG, ./config/mtad.toml, /etc/mtad/mtad.toml)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the daemon in the foreground").set_defaults(handler=run)
+    run_parser = commands.add_parser("run", help="run the daemon in the foreground")
+    run_parser.add_argument(
+        "--workers", type=int, help="processes sharing the listeners and the database (default: cluster.workers)"
+    )
+    run_parser.set_defaults(handler=run)
     database.add_commands(commands)
     tenants.add_commands(commands)
     queue.add_commands(commands)
@@ -24,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     suppress.add_commands(commands)
     events.add_commands(commands)
     top.add_commands(commands)
+    nodes.add_commands(commands)
     demo.add_commands(commands)
     return parser
 
@@ -32,10 +37,17 @@ def run(settings, args) -> int:
     import uvloop
 
     from mtad.app import run_daemon
+    from mtad.cluster.workers import Supervisor, worker_index
     from mtad.observe.logs import configure_logging
 
+    workers = args.workers if args.workers is not None else settings.cluster.workers
+    if workers < 1:
+        print("mtad: --workers must be at least 1", file=sys.stderr)
+        return 2
     configure_logging(settings.logging.format, settings.logging.level)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        if workers > 1 and worker_index() is None:
+            return runner.run(Supervisor(settings, args.config_path, workers).run())
         runner.run(run_daemon(settings, args.config_path))
     return 0
 

@@ -26,6 +26,10 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+QUERY_FILES = ("queries.sql", "cluster.sql")
+
+
 @cache
 def queries() -> Mapping[str, str]:
-    return MappingProxyType(parse_queries((resources.files("mtad.db") / "queries.sql").read_text()))
+    text = "\n".join((resources.files("mtad.db") / name).read_text() for name in QUERY_FILES)
+    return MappingProxyType(parse_queries(text))

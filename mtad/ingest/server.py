@@ -30,8 +30,11 @@ class SubmissionListeners:
         handler: SubmissionHandler,
         settings: Callable[[], Settings],
         tls_context: Callable[[], ssl.SSLContext],
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: several worker processes share the listening ports (mtad.cluster.workers)."""
         self._handler = handler
+        self._reuse_port = reuse_port
         self._settings = settings
         self._tls_context = tls_context
         self.sessions: set[SubmissionSMTP] = set()
@@ -66,11 +69,22 @@ class SubmissionListeners:
         submission = self._settings().submission
         for address in submission.listen:
             host, port = parse_listen_address(address)
-            self.servers.append(await loop.create_server(self._factory(False), host, port, reuse_address=True))
+            self.servers.append(
+                await loop.create_server(
+                    self._factory(False), host, port, reuse_address=True, reuse_port=self._reuse_port
+                )
+            )
         for address in submission.implicit_tls_listen:
             host, port = parse_listen_address(address)
             self.servers.append(
-                await loop.create_server(self._factory(True), host, port, reuse_address=True, ssl=self._tls_context())
+                await loop.create_server(
+                    self._factory(True),
+                    host,
+                    port,
+                    reuse_address=True,
+                    reuse_port=self._reuse_port,
+                    ssl=self._tls_context(),
+                )
             )
 
     @property

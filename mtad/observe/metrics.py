@@ -68,6 +68,19 @@ SUPPRESSED_BEFORE_ATTEMPT = Counter(
     "Leased copies dropped because their recipient left after the claim (unsubscribe, bounce): never sent",
 )
 
+# -- cluster ------------------------------------------------------------------------------------------
+# Every node exports its own series (Prometheus tells them apart by `instance`); cluster totals are sums
+# over instances, except the queue gauges above, which every node reads from the shared database (max()).
+CLUSTER_NODES = Gauge("mtad_cluster_nodes_live", "Nodes with a recent heartbeat, this one included")
+CLUSTER_SLOTS_HELD = Gauge(
+    "mtad_cluster_connection_slots_held", "Cluster-wide connection slots this node holds (one per open connection)"
+)
+CLUSTER_SLOT_WAITS = Counter(
+    "mtad_cluster_slot_waits_total", "Deliveries that waited because every connection slot of the site was held",
+    ["provider"],
+)
+NODE_INFO = Gauge("mtad_node_info", "This node's name (host:pid:random) and worker number; always 1", ["node", "worker"])
+
 # -- process ------------------------------------------------------------------------------------------
 EVENT_LOOP_LAG = Gauge("mtad_process_event_loop_lag_seconds", "How late a 0.5 s timer fired on the event loop")
 DB_POOL = Gauge("mtad_db_pool_connections", "PostgreSQL pool connections by state (in_use, idle)", ["state"])

@@ -9,6 +9,9 @@ Invariants:
 - sites take turns (round robin), so one huge domain cannot starve the others;
 - everything held is bounded by what the runner claims (`held` recipients), so memory stays flat however
   large the queue in PostgreSQL grows.
+Cluster: `rate_share` is this node's part of every site's message rate (1 / live nodes); a dispatch that
+found no free cluster-wide connection slot caps its site at what is in flight for `slot_retry_s`; a
+throttle another node met backs this node off too (`throttled_elsewhere`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Feedback(Enum):
     RECIPIENT_ONLY = "recipient_only"  # the session worked but said nothing about capacity
     SESSION_FAILED = "session_failed"  # connect / greeting / TLS failure: negative feedback
     THROTTLED = "throttled"  # 421 or a rate-limit reply: backoff
+    NO_SLOT = "no_slot"  # every cluster-wide connection slot of the site is held: wait, no judgement
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Dispatch:
     route: Route
     message_id: int
     claims: tuple[Claim, ...]
+    held_since: float = 0.0  # when the oldest of its recipients came to this scheduler (their lease runs)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,16 @@ class _Site:
     message_rate: TokenBucket | None
     pending: deque[_Waiting] = field(default_factory=deque)
     in_flight: int = 0
+    slot_cap: int | None = None  # no free connection slot: no more in flight than this until slot_cap_until
+    slot_cap_until: float = 0.0
+
+    def concurrency(self, now: float) -> int:
+        allowed = self.window.concurrency(now)
+        if self.slot_cap is not None:
+            if now < self.slot_cap_until:
+                return min(allowed, self.slot_cap)
+            self.slot_cap = None
+        return allowed
 
 
 @dataclass(frozen=True)
@@ -81,9 +96,13 @@ class SiteState:
 
 
 class Scheduler:
-    def __init__(self, one_recipient_per_transaction: Callable[[Claim], bool] = lambda claim: False) -> None:
+    def __init__(
+        self, one_recipient_per_transaction: Callable[[Claim], bool] = lambda claim: False, slot_retry_s: float = 0.5
+    ) -> None:
         """`one_recipient_per_transaction`: copies that differ per recipient (List-Unsubscribe, VERP)."""
         self._one_recipient = one_recipient_per_transaction
+        self._slot_retry_s = slot_retry_s
+        self.rate_share = 1.0
         self._sites: dict[str, _Site] = {}
         self._rotation: deque[str] = deque()
         self._ids = itertools.count(1)
@@ -117,9 +136,9 @@ class Scheduler:
                 name = self._rotation[0]
                 self._rotation.rotate(-1)
                 site = self._sites[name]
-                if not site.pending or site.in_flight >= site.window.concurrency(now):
+                if not site.pending or site.in_flight >= site.concurrency(now):
                     continue
-                if site.message_rate and not site.message_rate.try_take(now, site.window.rate_scale):
+                if site.message_rate and not site.message_rate.try_take(now, self._rate_scale(site)):
                     continue
                 dispatches.append(self._take_dispatch(name, site))
                 progress = True
@@ -128,6 +147,7 @@ class Scheduler:
     def _take_dispatch(self, name: str, site: _Site) -> Dispatch:
         first = site.pending.popleft()
         claims = [first.claim]
+        held_since = first.since
         limit = 1 if self._one_recipient(first.claim) else site.shape.limits.max_recipients_per_transaction
         while (
             site.pending
@@ -135,9 +155,13 @@ class Scheduler:
             and site.pending[0].claim.message_id == first.claim.message_id
             and site.pending[0].route == first.route
         ):
-            claims.append(site.pending.popleft().claim)
+            waiting = site.pending.popleft()
+            claims.append(waiting.claim)
+            held_since = min(held_since, waiting.since)
         site.in_flight += 1
-        return Dispatch(next(self._ids), name, site.shape, first.route, first.claim.message_id, tuple(claims))
+        return Dispatch(
+            next(self._ids), name, site.shape, first.route, first.claim.message_id, tuple(claims), held_since
+        )
 
     def finish(
         self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, held: int | None = None
@@ -157,16 +181,31 @@ class Scheduler:
     def put_back(
         self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, dropped: int = 0
     ) -> None:
-        """The attempt never reached the recipients (no session): they wait again, first in line.
+        """The attempt never reached the recipients (no session): they wait again, first in line, counted as
+        held since they first came (their lease has been running all along: see `take_unservable`).
         `dropped`: recipients the caller took out of the dispatch (and recorded) before trying."""
         site = self._sites[dispatch.site]
         self.held -= dropped
-        site.pending.extendleft(_Waiting(c, dispatch.route, now) for c in reversed(dispatch.claims))
+        site.pending.extendleft(_Waiting(c, dispatch.route, dispatch.held_since) for c in reversed(dispatch.claims))
         site.in_flight -= 1  # still held: `held` does not change
         if feedback is Feedback.SESSION_FAILED:
             site.window.on_session_failure(now, error or "session failed")
         elif feedback is Feedback.THROTTLED:
             site.window.on_throttled(now, error or "throttled")
+        elif feedback is Feedback.NO_SLOT:
+            site.slot_cap = site.in_flight
+            site.slot_cap_until = now + self._slot_retry_s
+
+    def throttled_elsewhere(self, site_name: str, now: float, error: str | None) -> bool:
+        """Another node was throttled by this site: back off as if we had been. False if we do not hold it."""
+        site = self._sites.get(site_name)
+        if site is None:
+            return False
+        site.window.on_throttled(now, error or "throttled (another node)")
+        return True
+
+    def _rate_scale(self, site: _Site) -> float:
+        return site.window.rate_scale * self.rate_share
 
     def abandon(self, dispatch: Dispatch) -> None:
         """The attempt broke in an unexpected way: free its slot and forget its recipients (their leases
@@ -179,7 +218,7 @@ class Scheduler:
         and those held longer than `max_hold_s` (before their lease runs out and another node takes them)."""
         handed_back: list[HandedBack] = []
         for site in self._sites.values():
-            if site.pending and site.window.concurrency(now) == 0:
+            if site.pending and site.window.concurrency(now) == 0:  # dead, not merely short of slots
                 window = site.window
                 handed_back += [HandedBack(w.claim, window.dead_until, window.last_error) for w in site.pending]
                 site.pending.clear()
@@ -189,9 +228,13 @@ class Scheduler:
         self.held -= len(handed_back)
         return handed_back
 
+    def shape_of(self, site: str) -> SiteShape | None:
+        known = self._sites.get(site)
+        return known.shape if known else None
+
     def concurrency_of(self, site: str, now: float) -> int:
         known = self._sites.get(site)
-        return known.window.concurrency(now) if known else 0
+        return known.concurrency(now) if known else 0
 
     def next_wakeup(self, now: float) -> float | None:
         times = []
@@ -199,8 +242,10 @@ class Scheduler:
             changes_at = site.window.wakeup_at()
             if changes_at is not None:
                 times.append(changes_at)
-            if site.pending and site.message_rate and site.in_flight < site.window.concurrency(now):
-                times.append(now + site.message_rate.seconds_until_token(now, site.window.rate_scale))
+            if site.slot_cap is not None and site.pending:
+                times.append(site.slot_cap_until)
+            if site.pending and site.message_rate and site.in_flight < site.concurrency(now):
+                times.append(now + site.message_rate.seconds_until_token(now, self._rate_scale(site)))
         return min(times) if times else None
 
     def forget_quiet_sites(self, now: float) -> None:
@@ -219,7 +264,7 @@ class Scheduler:
                 site=name,
                 provider=site.shape.provider,
                 health=site.window.health.value,
-                concurrency=site.window.concurrency(now),
+                concurrency=site.concurrency(now),
                 in_flight=site.in_flight,
                 pending=len(site.pending),
                 rate_scale=site.window.rate_scale,

@@ -8,6 +8,8 @@ a delivery:    message (signed once) -> pooled connection -> one transaction -> 
                leave the scheduler, so a crash repeats at most the attempts in flight.
 Stopping: no new claims or dispatches, in-flight deliveries finish within the grace period, everything
 still held is released to the queue (no attempt counted), so a clean stop causes no duplicates.
+Cluster (mtad.cluster): connections hold cluster-wide slots; the membership heartbeat tells the runner how
+many nodes share each site's rates, which sites others wait for, and which throttled another node.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+from mtad.cluster.slots import ConnectionSlots
 from mtad.config import DeliverySettings
 from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.deliver.connection import SessionFailure, Timeouts
 from mtad.deliver.copy import CopyMaker
 from mtad.deliver.message_cache import MessageCache
-from mtad.deliver.pool import ConnectionPool
+from mtad.deliver.pool import ConnectionPool, NoConnectionSlot
 from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
 from mtad.model import Claim, RecipientState, Reply, RouteFailure
@@ -35,6 +38,8 @@ from mtad.observe.tasks import cancel_and_wait
 from mtad.observe.metrics import (
     ATTEMPTS,
     BOUNCES,
+    CLUSTER_SLOT_WAITS,
+    CLUSTER_SLOTS_HELD,
     DELIVERY_LATENCY,
     SESSION_FAILURES,
     SITE_BACKOFF,
@@ -74,8 +79,12 @@ class DeliveryRunner:
         ehlo_name: str,
         lease_s: float,
         bounce_rules: BounceRules = BounceRules(),
+        slots: ConnectionSlots | None = None,
+        announce_throttle: Callable[[str, str | None], None] = lambda site, error: None,
     ) -> None:
         self.bounce_rules = bounce_rules
+        self.slots = slots
+        self.announce_throttle = announce_throttle
         self.store = store
         self.claimer = claimer
         self.resolver = resolver
@@ -87,7 +96,7 @@ class DeliveryRunner:
         self.settings = settings
         self.lease_s = lease_s
         self.timeouts = Timeouts(settings.connect_timeout, settings.command_timeout, settings.data_timeout)
-        self.pool = ConnectionPool(ehlo_name=ehlo_name, timeouts=self.timeouts)
+        self.pool = ConnectionPool(ehlo_name=ehlo_name, timeouts=self.timeouts, slots=slots)
         self.scheduler = Scheduler(copies.one_recipient_per_copy)
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -200,6 +209,22 @@ class DeliveryRunner:
         except DATABASE_UNAVAILABLE:
             pass  # the leases expire and are reclaimed
 
+    # -- the cluster (mtad.cluster.membership.ClusterAware) -----------------------------------------------
+    def live_nodes_changed(self, live: int) -> None:
+        self.scheduler.rate_share = self.pool.rate_share = 1.0 / max(1, live)
+
+    async def slots_wanted(self, sites: list[str], live: int) -> None:
+        shares = {}
+        for site in sites:
+            shape = self.scheduler.shape_of(site)
+            if shape is not None:
+                shares[site] = shape.limits.connection_limit // max(1, live)
+        await self.pool.share_with_other_nodes(shares)
+
+    def throttled_elsewhere(self, site: str, error: str | None) -> None:
+        if self.scheduler.throttled_elsewhere(site, time.monotonic(), error):
+            log_event(log, "delivery.throttled_elsewhere", site=site, error=error)
+
     def suppressed(self, payload: str) -> None:
         """NOTIFY mtad_suppressed: an unsubscribe or a hard bounce just now, maybe for a copy we hold."""
         self.recent_suppressions.add(payload, time.monotonic())
@@ -244,11 +269,18 @@ class DeliveryRunner:
         copy = self.copies.make(message, dispatch.claims[0])
         try:
             conn = await self.pool.acquire(dispatch.shape, dispatch.route)
+        except NoConnectionSlot:
+            CLUSTER_SLOT_WAITS.labels(dispatch.shape.provider or "other").inc()
+            self.scheduler.put_back(dispatch, Feedback.NO_SLOT, time.monotonic(), dropped=dropped)
+            self._wake.set()
+            return
         except SessionFailure as failure:
             feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
             SESSION_FAILURES.labels(dispatch.shape.provider or "other", feedback.value).inc()
             self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=dropped)
             log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
+            if failure.throttled:
+                self.announce_throttle(dispatch.site, str(failure))
             self._wake.set()
             return
         by_id = {c.recipient_id: c for c in dispatch.claims}
@@ -278,6 +310,7 @@ class DeliveryRunner:
         self._count(dispatch, outcomes)
         if result.throttled:
             feedback, error = Feedback.THROTTLED, f"{result.throttled.code} {result.throttled.text}"
+            self.announce_throttle(dispatch.site, error)
         elif result.connection_lost:
             feedback, error = Feedback.SESSION_FAILED, "connection lost"
         elif any(200 <= r.code < 300 for r in result.replies.values()):
@@ -332,6 +365,8 @@ class DeliveryRunner:
             await asyncio.sleep(self.settings.status_interval)
             now = time.monotonic()
             await self.pool.close_idle(now)
+            if self.slots is not None:
+                CLUSTER_SLOTS_HELD.set(len(self.slots.held))
             await self._publish_site_status(now)
             self.scheduler.forget_quiet_sites(now)
 

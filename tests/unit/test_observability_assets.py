@@ -396,6 +396,7 @@ def test_the_alerts_fire_on_the_situations_they_describe(tmp_path):
 SAMPLE_LABEL_VALUES = {
     "tenant": "demo", "result": "accepted", "source": "smtp", "category": "mailbox_full", "provider": "google",
     "kind": "connect", "tls": "TLSv1.3", "site": "google", "state": "queued", "method": "one_click",
+    "node": "mx1:4242:a1b2c3", "worker": "0",
 }
 
 

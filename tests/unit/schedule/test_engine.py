@@ -77,3 +77,48 @@ def test_recipients_held_too_long_are_handed_back_before_their_lease_runs_out():
     scheduler.next_dispatches(0)
     handed = scheduler.take_unservable(200, max_hold_s=150)
     assert len(handed) == 2 and all(h.not_before is None for h in handed)
+
+
+def test_a_recipient_put_back_keeps_its_hold_age_and_is_handed_back_before_its_lease_runs_out():
+    # Put back again and again (no connection slot, failed sessions): its lease has been running since the
+    # claim, so the hold age must not restart, else the lease expires while we still hold it and a second
+    # claim delivers it twice.
+    scheduler = Scheduler()
+    scheduler.add(shape("a", connection_limit=1), ROUTE, claims(1, 1), 0)
+    for t in range(1, 10):
+        (dispatch,) = scheduler.next_dispatches(t * 0.2)
+        scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, t * 0.2)
+    handed = scheduler.take_unservable(2.0, max_hold_s=1.5)
+    assert [h.claim.recipient_id for h in handed] == [1000] and scheduler.held == 0
+
+
+def test_no_free_connection_slot_caps_the_site_at_what_is_in_flight_for_a_while():
+    scheduler = Scheduler(slot_retry_s=0.5)
+    scheduler.add(shape("a", connection_limit=10, initial_destination_concurrency=4), ROUTE,
+                  [c for m in range(1, 11) for c in claims(m, 1)], 0)
+    first = scheduler.next_dispatches(0)
+    assert len(first) == 4
+    scheduler.put_back(first[3], Feedback.NO_SLOT, 0.1)  # the fourth found every cluster slot taken
+    assert scheduler.next_dispatches(0.2) == []  # capped at the 3 in flight
+    assert scheduler.next_wakeup(0.2) == 0.6
+    assert scheduler.site_states(0.2)[0].health == "healthy"  # waiting for a slot is no judgement of the site
+    assert len(scheduler.next_dispatches(0.6)) == 1  # the cap is lifted after slot_retry_s
+
+
+def test_rate_share_divides_the_message_rate_among_the_live_nodes():
+    scheduler = Scheduler()
+    scheduler.rate_share = 1 / 3  # three live nodes
+    scheduler.add(shape("a", max_message_rate=30, connection_limit=50, initial_destination_concurrency=50), ROUTE,
+                  [c for m in range(1, 200) for c in claims(m, 1)], 0)
+    started = sum(len(scheduler.next_dispatches(t / 100)) for t in range(0, 101))
+    assert 10 <= started <= 13  # 10/s for this node, plus the initial burst
+
+
+def test_a_throttle_met_by_another_node_backs_this_node_off_too():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", connection_limit=8, initial_destination_concurrency=8), ROUTE,
+                  [c for m in range(1, 20) for c in claims(m, 1)], 0)
+    assert scheduler.throttled_elsewhere("a", 1.0, "421 4.7.0 slow down")
+    assert not scheduler.throttled_elsewhere("unknown.example", 1.0, "421")
+    (state,) = scheduler.site_states(1.0)
+    assert state.health == "backoff" and state.concurrency == 4 and state.rate_scale == 0.5

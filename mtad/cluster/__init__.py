@@ -1,0 +1,1 @@
+"""Several mtad nodes on one PostgreSQL: membership, cluster-wide connection slots, shared backoff."""
