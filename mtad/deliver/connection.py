@@ -162,7 +162,8 @@ async def _tcp_connect(where: str, address: str, port: int, timeout_s: float) ->
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeout_s)
     except asyncio.TimeoutError:
         sock.close()
-        raise SessionFailure(Reply(451, "4.4.1", f"{where}: connect: no answer within {timeout_s:g}s")) from None
+        waited = f"no answer within {timeout_s:g}s (connect_timeout)"
+        raise SessionFailure(Reply(451, "4.4.1", f"{where}: connect: {waited}")) from None
     except OSError as exc:
         sock.close()
         raise SessionFailure(Reply(451, "4.4.1", f"{where}: connect: {type(exc).__name__}: {exc}"[:300])) from None

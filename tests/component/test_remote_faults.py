@@ -12,8 +12,11 @@ Each case runs one faulty destination and one healthy destination side by side:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import re
+import select
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -171,6 +174,74 @@ async def test_a_remote_fault_is_deferred_with_its_reason_then_retried_and_never
             expected |= dict.fromkeys(FAULTY_RECIPIENTS, 1)
         assert received == expected  # nobody lost, nobody twice, nothing for a bounced recipient
         await _assert_events_end_once(pool, fault.final_state)
+
+
+async def test_an_unanswered_tcp_handshake_is_bounded_by_connect_timeout_and_retried_once_the_host_answers(
+    db_url, tenants, pool, tmp_path
+):
+    async with RemoteWorld(["mx-faulty", "mx-healthy"]) as world:
+        world.add_domain("faulty.example", sink="mx-faulty")
+        world.add_domain("healthy.example", sink="mx-healthy")
+        faulty, healthy = world.sinks["mx-faulty"], world.sinks["mx-healthy"]
+        shaping = write_shaping(tmp_path / "shaping.toml", {"dead_after_failures": 1, "connection_limit": 2})
+        await faulty.stop()
+        with _unanswered_listener(faulty.host, world.smtp_port):  # SYNs dropped: the handshake never completes
+            await queue_messages(pool, FAULTY_MESSAGES)
+            daemon = await start_delivering(
+                db_url, tmp_path / "state", world, shaping,
+                connect_timeout=f"{CONNECT_TIMEOUT_S:g}s", command_timeout=f"{COMMAND_TIMEOUT_S:g}s",
+                data_timeout=f"{DATA_TIMEOUT_S:g}s",
+                minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0,
+            )
+            try:
+                await queue_messages(pool, [[f"h{n}@healthy.example"] for n in range(HEALTHY_MESSAGES)])
+                await healthy.wait_for_messages(HEALTHY_MESSAGES, timeout_s=WAIT_S)
+                deferrals = await _until(lambda: _deferral_replies(pool))
+            except BaseException:
+                await daemon.stop()
+                raise
+        try:
+            assert sorted(deferrals) == FAULTY_RECIPIENTS, deferrals
+            for replies in deferrals.values():
+                for _, reply in replies:
+                    assert re.search(r"connect: no answer within 1s \(connect_timeout\)", reply), replies
+            await faulty.start()  # the host answers again, on the same address and port
+            assert await _until(lambda: _all_final(pool), timeout_s=WAIT_S), await _faulty_rows(pool)
+            await asyncio.sleep(0.5)  # a duplicate would show up here: an attempt still in flight
+        finally:
+            await daemon.stop()
+        received = Counter(address for message in world.messages for address in message.rcpt_tos)
+        assert received == {f"h{n}@healthy.example": 1 for n in range(HEALTHY_MESSAGES)} | dict.fromkeys(
+            FAULTY_RECIPIENTS, 1
+        )
+        await _assert_events_end_once(pool, "delivered")
+
+
+@contextlib.contextmanager
+def _unanswered_listener(host: str, port: int):
+    """A listener whose accept queue is full and never drained: Linux drops further SYNs, so a new connection's
+    handshake hangs (a firewalled or overloaded MX) until the client gives up."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(0)
+        for _ in range(8):  # fill the queue until a handshake no longer completes
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex((host, port))
+            _, writable, _ = select.select([], [filler], [], 0.5)
+            if not writable:
+                break
+        else:
+            raise AssertionError("the accept queue never filled: this kernel answers every SYN")
+        yield
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
 
 
 def _reason(fault: Fault, attempted: bool) -> str:
