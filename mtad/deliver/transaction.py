@@ -28,6 +28,7 @@ class TransactionResult:
     reusable: bool = True
     throttled: Reply | None = None
     connection_lost: bool = False
+    lost_reply: Reply | None = None  # why the session ended mid-transaction (timeout, reset, garbage, 421)
     withdrawn: list[int] = field(default_factory=list)  # not attempted: `still_wanted` said no just before MAIL
 
 
@@ -134,6 +135,7 @@ def _refused(result, pending, reply: Reply, patterns) -> TransactionResult:
 def _lost(result: TransactionResult, pending: dict[int, str], reply: Reply) -> TransactionResult:
     result.reusable = False
     result.connection_lost = reply.code != 421
+    result.lost_reply = reply
     return _all(result, pending, reply)
 
 
