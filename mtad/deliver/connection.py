@@ -113,6 +113,7 @@ async def open_connection(
 async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_context) -> OutboundConnection:
     where = f"{mx.name} [{address}]"
     sock = await _tcp_connect(where, address, port, timeouts.connect_s)
+    # aiosmtplib owns the socket from here on: no await before connect() hands it to the transport.
     client = aiosmtplib.SMTP(
         hostname=address,
         sock=sock,
