@@ -278,6 +278,7 @@ class Daemon:
             lease_s=settings.queue.lease,
             bounce_rules=self.bounce_rules,
             slots=self.membership.slots,
+            rate_tokens=self.membership.store.take_rate_tokens,
             announce_throttle=self.membership.announce_throttle,
         )
         return runner

@@ -95,5 +95,8 @@ class ClusterStore:
         """Forget a dead node; returns how many of its leased recipients went back to the queue."""
         return await self._pool.fetchval(self._sql["reap_node"], node)
 
+    async def take_rate_tokens(self, site: str, rate_per_s: float, burst: float, want: int) -> int:
+        return await self._pool.fetchval(self._sql["take_rate_tokens"], site, rate_per_s, burst, want)
+
     async def nodes(self) -> list[NodeRow]:
         return [NodeRow(**dict(row)) for row in await self._pool.fetch(self._sql["cluster_nodes"])]

@@ -97,3 +97,15 @@ WITH slots AS (DELETE FROM connection_slots WHERE node = $1),
     SELECT now(), 'reclaimed', tenant_id, message_id, id FROM released
 )
 SELECT count(*) FROM released;
+
+-- take_rate_tokens --
+-- Up to $4 tokens of the site's bucket (refilled at $2 per second, at most $3 held). Two nodes taking at
+-- once serialise on the row; a clock read before the other's update refills nothing (greatest(0, ...)).
+INSERT INTO site_rate_buckets AS b (site, tokens, granted, updated_at)
+VALUES ($1, $3 - least($4, floor($3)), least($4, floor($3)), now())
+ON CONFLICT (site) DO UPDATE SET
+    granted = least($4, floor(least($3, b.tokens + greatest(0, extract(epoch FROM now() - b.updated_at)) * $2))),
+    tokens = least($3, b.tokens + greatest(0, extract(epoch FROM now() - b.updated_at)) * $2)
+             - least($4, floor(least($3, b.tokens + greatest(0, extract(epoch FROM now() - b.updated_at)) * $2))),
+    updated_at = greatest(b.updated_at, now())
+RETURNING granted;

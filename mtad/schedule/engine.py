@@ -9,9 +9,10 @@ Invariants:
 - sites take turns (round robin), so one huge domain cannot starve the others;
 - everything held is bounded by what the runner claims (`held` recipients), so memory stays flat however
   large the queue in PostgreSQL grows.
-Cluster: `rate_share` is this node's part of every site's message rate (1 / live nodes); a dispatch that
-found no free cluster-wide connection slot caps its site at what is in flight for `slot_retry_s`; a
-throttle another node met backs this node off too (`throttled_elsewhere`).
+Cluster: with `shared_rates` on (more than one live node) a rate-limited site also needs a token of the
+cluster's bucket for it: `tokens_wanted(now)` says which sites need how many, the runner takes them from
+PostgreSQL and `grant`s them. A dispatch that found no free cluster-wide connection slot caps its site at
+what is in flight for `slot_retry_s`; a throttle another node met backs this node off too.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class _Site:
     in_flight: int = 0
     slot_cap: int | None = None  # no free connection slot: no more in flight than this until slot_cap_until
     slot_cap_until: float = 0.0
+    cluster_tokens: int = 0  # granted from the cluster's bucket of this site, not yet used
 
     def concurrency(self, now: float) -> int:
         allowed = self.window.concurrency(now)
@@ -102,7 +104,7 @@ class Scheduler:
         """`one_recipient_per_transaction`: copies that differ per recipient (List-Unsubscribe, VERP)."""
         self._one_recipient = one_recipient_per_transaction
         self._slot_retry_s = slot_retry_s
-        self.rate_share = 1.0
+        self.shared_rates = False
         self._sites: dict[str, _Site] = {}
         self._rotation: deque[str] = deque()
         self._ids = itertools.count(1)
@@ -138,8 +140,13 @@ class Scheduler:
                 site = self._sites[name]
                 if not site.pending or site.in_flight >= site.concurrency(now):
                     continue
-                if site.message_rate and not site.message_rate.try_take(now, self._rate_scale(site)):
-                    continue
+                if site.message_rate:
+                    if self.shared_rates and site.cluster_tokens < 1:
+                        continue
+                    if not site.message_rate.try_take(now, site.window.rate_scale):
+                        continue
+                    if self.shared_rates:
+                        site.cluster_tokens -= 1
                 dispatches.append(self._take_dispatch(name, site))
                 progress = True
         return dispatches
@@ -204,8 +211,26 @@ class Scheduler:
         site.window.on_throttled(now, error or "throttled (another node)")
         return True
 
-    def _rate_scale(self, site: _Site) -> float:
-        return site.window.rate_scale * self.rate_share
+    def tokens_wanted(self, now: float, ahead_s: float = 0.2) -> list[tuple[str, float, float, int]]:
+        """(site, rate per second, burst, tokens) to take from the cluster's buckets: sites that could
+        dispatch now but for a token, asking for `ahead_s` worth at the (backed-off) rate."""
+        if not self.shared_rates:
+            return []
+        wanted = []
+        for name, site in self._sites.items():
+            if not site.message_rate or site.cluster_tokens >= 1 or not site.pending:
+                continue
+            if site.in_flight >= site.concurrency(now):
+                continue
+            rate = site.message_rate.rate_per_s * site.window.rate_scale
+            want = min(len(site.pending), max(1, int(rate * ahead_s)))
+            wanted.append((name, rate, site.message_rate.burst, want))
+        return wanted
+
+    def grant(self, site_name: str, tokens: int) -> None:
+        site = self._sites.get(site_name)
+        if site is not None:
+            site.cluster_tokens += tokens
 
     def abandon(self, dispatch: Dispatch) -> None:
         """The attempt broke in an unexpected way: free its slot and forget its recipients (their leases
@@ -245,7 +270,7 @@ class Scheduler:
             if site.slot_cap is not None and site.pending:
                 times.append(site.slot_cap_until)
             if site.pending and site.message_rate and site.in_flight < site.concurrency(now):
-                times.append(now + site.message_rate.seconds_until_token(now, self._rate_scale(site)))
+                times.append(now + site.message_rate.seconds_until_token(now, site.window.rate_scale))
         return min(times) if times else None
 
     def forget_quiet_sites(self, now: float) -> None:

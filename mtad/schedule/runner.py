@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 
 from mtad.cluster.slots import ConnectionSlots
@@ -59,6 +59,8 @@ from mtad.schedule.engine import Dispatch, Feedback, Scheduler
 
 log = logging.getLogger("mtad.deliver")
 
+_RATE_TOKEN_INTERVAL_S = 0.05
+
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -80,10 +82,12 @@ class DeliveryRunner:
         lease_s: float,
         bounce_rules: BounceRules = BounceRules(),
         slots: ConnectionSlots | None = None,
+        rate_tokens: Callable[[str, float, float, int], Awaitable[int]] | None = None,
         announce_throttle: Callable[[str, str | None], None] = lambda site, error: None,
     ) -> None:
         self.bounce_rules = bounce_rules
         self.slots = slots
+        self.rate_tokens = rate_tokens
         self.announce_throttle = announce_throttle
         self.store = store
         self.claimer = claimer
@@ -111,6 +115,8 @@ class DeliveryRunner:
             asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
             asyncio.create_task(self._housekeeping(), name="delivery-housekeeping"),
         ]
+        if self.rate_tokens is not None:
+            self._loops.append(asyncio.create_task(self._take_rate_tokens(), name="rate-tokens"))
 
     async def stop(self, grace_s: float) -> None:
         writer_task, *others = self._loops
@@ -211,7 +217,24 @@ class DeliveryRunner:
 
     # -- the cluster (mtad.cluster.membership.ClusterAware) -----------------------------------------------
     def live_nodes_changed(self, live: int) -> None:
-        self.scheduler.rate_share = self.pool.rate_share = 1.0 / max(1, live)
+        # Message rates alone need no database while this node is alone; connection rates are split evenly.
+        self.scheduler.shared_rates = live > 1 and self.rate_tokens is not None
+        self.pool.rate_share = 1.0 / max(1, live)
+
+    async def _take_rate_tokens(self) -> None:
+        """Feed rate-limited sites from the cluster's token buckets while other nodes share them."""
+        while True:
+            wanted = self.scheduler.tokens_wanted(time.monotonic())
+            if wanted:
+                try:
+                    granted = await asyncio.gather(*(self.rate_tokens(*want) for want in wanted))
+                except DATABASE_UNAVAILABLE:
+                    granted = []
+                for (site, *_), tokens in zip(wanted, granted):
+                    self.scheduler.grant(site, tokens)
+                if any(granted):
+                    self._wake.set()
+            await asyncio.sleep(_RATE_TOKEN_INTERVAL_S)
 
     async def slots_wanted(self, sites: list[str], live: int) -> None:
         shares = {}

@@ -38,3 +38,13 @@ CREATE TABLE site_throttles (
     error        text,
     throttled_at timestamptz NOT NULL
 );
+
+-- Cluster-wide message rates: one token bucket per site; nodes take a few tokens at a time (a fraction of
+-- a second's worth), so the sum of what all nodes send stays within `max_message_rate` however the
+-- site's mail is spread over them.
+CREATE TABLE site_rate_buckets (
+    site        text PRIMARY KEY,
+    tokens      double precision NOT NULL,
+    granted     integer NOT NULL,           -- what the last take got (RETURNING sees only the new row)
+    updated_at  timestamptz NOT NULL
+);

@@ -105,13 +105,18 @@ def test_no_free_connection_slot_caps_the_site_at_what_is_in_flight_for_a_while(
     assert len(scheduler.next_dispatches(0.6)) == 1  # the cap is lifted after slot_retry_s
 
 
-def test_rate_share_divides_the_message_rate_among_the_live_nodes():
+def test_with_shared_rates_a_site_dispatches_only_on_tokens_granted_by_the_cluster():
     scheduler = Scheduler()
-    scheduler.rate_share = 1 / 3  # three live nodes
+    scheduler.shared_rates = True  # more than one live node
     scheduler.add(shape("a", max_message_rate=30, connection_limit=50, initial_destination_concurrency=50), ROUTE,
                   [c for m in range(1, 200) for c in claims(m, 1)], 0)
-    started = sum(len(scheduler.next_dispatches(t / 100)) for t in range(0, 101))
-    assert 10 <= started <= 13  # 10/s for this node, plus the initial burst
+    assert scheduler.next_dispatches(0) == []  # the local bucket alone is not enough
+    assert scheduler.tokens_wanted(0) == [("a", 30.0, 3.0, 6)]  # 0.2 s worth at 30/s
+    scheduler.grant("a", 2)
+    assert len(scheduler.next_dispatches(0)) == 2  # the local burst is 3, but only 2 were granted
+    assert scheduler.next_dispatches(0.5) == []
+    scheduler.grant("a", 5)
+    assert len(scheduler.next_dispatches(10)) == 3  # and the local bucket still caps a node's own burst
 
 
 def test_a_throttle_met_by_another_node_backs_this_node_off_too():
