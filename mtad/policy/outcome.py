@@ -6,6 +6,7 @@ recipient is older than the queue lifetime. The caller passes `random_unit` so t
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from mtad.model import Claim, RecipientState, Reply
@@ -38,3 +39,18 @@ def next_state(
         random_unit=random_unit,
     )
     return RecipientState.DEFERRED, retry_at
+
+
+_LEADING_REPLY = re.compile(r"^([245]\d\d)(?:[ -]([245]\.\d{1,3}\.\d{1,3}))?\s*(.*)$", re.DOTALL)
+
+
+def unreachable_site_reply(error: str | None) -> Reply:
+    """The deferral recorded for recipients of a site no session could be had with (connect, greeting,
+    TLS failures; a dead site). The site's own words are kept: a temporary reply ("421 4.7.0 try later")
+    with its codes; anything else, a permanent greeting included (it refuses the session, not these
+    recipients), as 451 4.4.1 with the text, so no code appears twice in the recorded reason."""
+    text = " ".join((error or "destination unreachable").split())[:300]
+    match = _LEADING_REPLY.match(text)
+    if match and match.group(1).startswith("4"):
+        return Reply(int(match.group(1)), match.group(2) or "4.4.1", match.group(3) or text)
+    return Reply(451, "4.4.1", text)

@@ -32,7 +32,7 @@ from mtad.deliver.message_cache import MessageCache
 from mtad.deliver.pool import ConnectionPool, NoConnectionSlot
 from mtad.deliver.resolver import RouteResolver
 from mtad.deliver.transaction import run_transaction
-from mtad.model import Claim, RecipientState, Reply, RouteFailure
+from mtad.model import Claim, RecipientState, RouteFailure
 from mtad.observe.logs import log_event
 from mtad.observe.tasks import cancel_and_wait
 from mtad.observe.metrics import (
@@ -49,7 +49,7 @@ from mtad.observe.metrics import (
     SUPPRESSED_BEFORE_ATTEMPT,
 )
 from mtad.policy.bounce_rules import BounceRules, classify_reply
-from mtad.policy.outcome import next_state
+from mtad.policy.outcome import next_state, unreachable_site_reply
 from mtad.policy.recent_suppressions import RecentSuppressions
 from mtad.policy.shaping import ShapingRules
 from mtad.queue.claimer import Claimer
@@ -192,7 +192,7 @@ class DeliveryRunner:
         for h in handed:
             if h.not_before is None:
                 continue
-            reply = Reply(451, "4.4.1", (h.error or "destination unreachable")[:300])
+            reply = unreachable_site_reply(h.error)
             outcome = self._outcome(h.claim, reply)
             if outcome.state is RecipientState.DEFERRED:
                 not_before = _utcnow() + timedelta(seconds=max(0.0, h.not_before - now))
@@ -335,7 +335,8 @@ class DeliveryRunner:
             feedback, error = Feedback.THROTTLED, f"{result.throttled.code} {result.throttled.text}"
             self.announce_throttle(dispatch.site, error)
         elif result.connection_lost:
-            feedback, error = Feedback.SESSION_FAILED, "connection lost"
+            lost = result.lost_reply
+            feedback, error = Feedback.SESSION_FAILED, f"{lost.code} {lost.enhanced or ''} {lost.text}" if lost else "connection lost"
         elif any(200 <= r.code < 300 for r in result.replies.values()):
             feedback, error = Feedback.DELIVERED, None
         else:

@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from mtad.model import Claim, RecipientState, Reply
-from mtad.policy.outcome import next_state
+from mtad.policy.outcome import next_state, unreachable_site_reply
 from mtad.policy.rate import TokenBucket, parse_rate
 from mtad.policy.retry import next_attempt_at, retry_delay_s
 from mtad.policy.shaping import parse_shaping
@@ -120,3 +120,18 @@ def test_a_domain_override_is_its_own_site():
 def test_a_wrong_shaping_setting_is_refused(document):
     with pytest.raises(ValueError):
         parse_shaping(document)
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        ("421 4.7.0 mx.example: try again later", Reply(421, "4.7.0", "mx.example: try again later")),
+        ("451 4.4.2 mx.example [127.0.0.2]: no greeting reply within 3s (command_timeout)",
+         Reply(451, "4.4.2", "mx.example [127.0.0.2]: no greeting reply within 3s (command_timeout)")),
+        ("554 5.7.1 mx.example: go away", Reply(451, "4.4.1", "554 5.7.1 mx.example: go away")),
+        ("connection refused", Reply(451, "4.4.1", "connection refused")),
+        (None, Reply(451, "4.4.1", "destination unreachable")),
+    ],
+)
+def test_an_unreachable_site_defers_with_its_own_words_and_no_code_twice(error, expected):
+    assert unreachable_site_reply(error) == expected
