@@ -11,7 +11,17 @@ from mtad.config import DatabaseSettings
 SERVER_SETTINGS = {"application_name": "mtad", "jit": "off"}
 
 # Raised while PostgreSQL is down, restarting, or the connection was cut: callers answer "try again later".
-DATABASE_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: asyncpg raises it ("cannot switch to state 12; another operation (2) is in progress")
+# from a pooled connection whose backend was killed by pg_terminate_backend while it sat idle
+# (MagicStack/asyncpg#1069); left out, it ended the outcome writer and the claim loop for good
+# (tests/component/test_database_faults.py).
+DATABASE_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class PooledConnection(asyncpg.Connection):

@@ -19,6 +19,9 @@ from mtad.queue.store import Outcome, QueueStore
 
 log = logging.getLogger("mtad.queue.outcomes")
 MAX_BATCH = 1000
+# Short, so outcomes held through an outage are written soon after PostgreSQL is back: a lease that runs
+# out first is reclaimed and its recipient attempted again.
+MAX_RETRY_S = 1.0
 
 
 class OutcomeWriter:
@@ -57,7 +60,16 @@ class OutcomeWriter:
                     log_event(log, "outcomes.write_failed", logging.WARNING, error=type(exc).__name__, retry_s=retry_s)
                     self._waiting[:0] = batch
                     await asyncio.sleep(retry_s)
-                    retry_s = min(retry_s * 2, 5.0)
+                    retry_s = min(retry_s * 2, MAX_RETRY_S)
+                    continue
+                except Exception as exc:
+                    # Not the database being away but a bug: fail these deliveries (their leases expire and
+                    # are reclaimed) rather than end this loop, which would leave every later delivery
+                    # waiting forever while the daemon looks alive.
+                    log.exception("recording outcomes failed")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
                     continue
                 retry_s = 0.1
                 for outcomes, future in batch:

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from mtad.db.pool import DATABASE_UNAVAILABLE
+
 CHANNEL = "mtad_queue"
 SUPPRESSED_CHANNEL = "mtad_suppressed"  # "<tenant_id> <reason> <address>": drop leased copies at once
 log = logging.getLogger("mtad.queue.wakeup")
@@ -59,7 +61,7 @@ class QueueWakeup:
                 self._event.set()  # anything queued while we were not listening is due now
                 await lost.wait()
                 log.warning("queue listener connection lost; reconnecting")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_UNAVAILABLE as exc:
                 log.warning("queue listener cannot connect: %s", type(exc).__name__)
             finally:
                 self.listening = False
@@ -93,7 +95,7 @@ class ArrivalSignal:
             self._again = False
             try:
                 await self._pool.execute("SELECT pg_notify($1, '')", CHANNEL)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except DATABASE_UNAVAILABLE:
                 pass  # other nodes find the mail by polling
             await asyncio.sleep(self._min_interval_s)
             if not self._again:
