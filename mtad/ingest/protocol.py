@@ -2,6 +2,13 @@
 
 - `SubmissionSession` carries the tenant once AUTH succeeded (a STARTTLS starts a new session, RFC 3207 4.2).
 - Every 4xx/5xx that aiosmtpd writes itself gets an RFC 3463 enhanced code (`policy.replies`).
+- Every reply line is printable ASCII of at most 512 octets (RFC 5321 4.5.3.1.5): aiosmtpd echoes an
+  unknown command verbatim ("500 Error: command "X\rY" not recognized"), bare CR, NUL and escape bytes
+  included, which would hand the client a malformed or split reply.
+- A client that sends garbage instead of a TLS handshake after STARTTLS is logged at info and cut off; it
+  is the client's failure, not an error of mtad (anyone could otherwise fill the error log at will).
+- "MAIL FROM:<" or "<a@" makes the email package's address parser raise IndexError instead of its
+  HeaderParseError; aiosmtpd only catches the latter, so such an address is a 501 here, not a crash.
 - Open connections are kept in a registry so the daemon can drain them on shutdown.
 - aiosmtpd 1.4.6 does not know an implicit-TLS transport is encrypted (issues #274/#281): the session's `tls`
   flag is read from the transport itself, and the implicit-TLS listener is built with auth_require_tls off
@@ -11,13 +18,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from typing import AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from mtad.model import EnvelopeRecipient, Tenant
+from mtad.observe.logs import log_event
 from mtad.policy.connection_limits import ConnectionLimits
 from mtad.policy.replies import with_enhanced_code
+
+log = logging.getLogger("mtad.ingest")
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+MAX_REPLY_LINE = 510  # 512 with the CRLF
 
 
 class SubmissionSession(Session):
@@ -78,7 +92,21 @@ class SubmissionSMTP(SMTP):
         super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(with_enhanced_code(status) if isinstance(status, str) else status)
+        if isinstance(status, str):
+            status = _NOT_PRINTABLE.sub("?", with_enhanced_code(status))[:MAX_REPLY_LINE]
+        await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None  # aiosmtpd answers 501 Syntax
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection after this
+            log_event(log, "smtp.tls_handshake_failed", error=repr(error.__cause__)[:200])
+            return "421 4.7.0 TLS negotiation failed"
+        return await super().handle_exception(error)
 
     @property
     def in_transaction(self) -> bool:
