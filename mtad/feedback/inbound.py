@@ -97,6 +97,12 @@ class FeedbackHandler:
             return "451 4.3.0 Temporarily unable to process; try again later"
         return "250 2.0.0 Ok: processed"
 
+    async def handle_exception(self, error: Exception) -> str:
+        """Without this aiosmtpd answers "500 Error: (ExceptionName) text": internals to a stranger, and a
+        permanent failure that makes the remote side drop a report we could take on a retry."""
+        log.exception("feedback session failed")
+        return "451 4.3.0 Local error in processing; try again later"
+
     async def apply(self, target: Target, verdict: FeedbackVerdict) -> str:
         """Act on one verdict for one of our addresses; returns what was done (for logs and tests)."""
         if target.kind == "fbl":
