@@ -306,6 +306,8 @@ class SubmissionLoad:
         attempt.sent_at = time.monotonic()
         attempt.code, _ = await client.command(body)
         attempt.replied_at = time.monotonic()
-        if attempt.code != 250:
-            await client.command("RSET")
-        return attempt.code == 250 or 400 <= attempt.code < 500 and attempt.code != 421
+        if attempt.code == 250:
+            return True
+        await client.command("RSET")
+        await asyncio.sleep(0.2)  # as a real client backs off after a 4xx (and the attempts last the outage)
+        return 400 <= attempt.code < 500 and attempt.code != 421
