@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -26,6 +26,7 @@ from mtad.observe.top_view import (
     EVENT_SETTLE,
     QUEUE_STATES,
     Frame,
+    NodeLoad,
     SiteLoad,
     SiteTrouble,
     Snapshot,
@@ -82,6 +83,18 @@ ORDER BY CASE health WHEN 'dead' THEN 0 WHEN 'backoff' THEN 1 ELSE 2 END, pendin
 LIMIT $2
 """
 
+# Every registered node: alive within $2, what its fresh site_status rows ($1) say it holds, its slots.
+NODE_LOADS = """
+SELECT n.id AS node, n.heartbeat_at > now() - $2::interval AS alive,
+       extract(epoch FROM now() - n.heartbeat_at)::float8 AS silent_s,
+       coalesce((SELECT sum(s.in_flight) FROM site_status AS s WHERE s.node = n.id
+                 AND s.updated_at > now() - $1::interval), 0)::int AS in_flight,
+       coalesce((SELECT sum(s.pending) FROM site_status AS s WHERE s.node = n.id
+                 AND s.updated_at > now() - $1::interval), 0)::int AS pending,
+       (SELECT count(*) FROM connection_slots AS c WHERE c.node = n.id AND c.expires_at > now())::int AS slots
+FROM nodes AS n ORDER BY n.started_at, n.id LIMIT $3
+"""
+
 _RICH_STYLES = {
     "": "", "title": "bold", "dim": "dim", "dead": "bold red", "backoff": "yellow", "warning": "bold yellow",
 }
@@ -120,7 +133,11 @@ async def read_only(conn: asyncpg.Connection) -> None:
 
 
 async def take_snapshot(
-    conn: asyncpg.Connection, since: datetime | None, cap: int = DEFAULT_CAP, sites: int = 10
+    conn: asyncpg.Connection,
+    since: datetime | None,
+    cap: int = DEFAULT_CAP,
+    sites: int = 10,
+    dead_after: timedelta = timedelta(seconds=15),
 ) -> Snapshot:
     """One consistent snapshot; events are those of the window since the snapshot taken at `since`."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -134,6 +151,7 @@ async def take_snapshot(
         totals = await conn.fetchrow(SITE_TOTALS, SITE_STATUS_FRESH)
         busiest = [SiteLoad(**row) for row in await conn.fetch(BUSIEST_SITES, SITE_STATUS_FRESH, sites)]
         troubled = [SiteTrouble(**row) for row in await conn.fetch(TROUBLED_SITES, SITE_STATUS_FRESH, sites)]
+        node_loads = [NodeLoad(**row) for row in await conn.fetch(NODE_LOADS, SITE_STATUS_FRESH, dead_after, 100)]
     return Snapshot(
         at=at,
         database=(
@@ -151,6 +169,7 @@ async def take_snapshot(
         troubled_sites=totals["troubled_sites"],
         busiest=busiest,
         troubled=troubled,
+        node_loads=node_loads,
     )
 
 
@@ -158,9 +177,10 @@ async def one_frame(settings: Settings, args: argparse.Namespace) -> Frame:
     """Two snapshots `--interval` apart: the second one's state, with the rates between them."""
     async with operator_connection(settings) as conn:
         await read_only(conn)
-        first = await take_snapshot(conn, None, args.cap, args.sites)
+        dead_after = timedelta(seconds=settings.cluster.dead_after)
+        first = await take_snapshot(conn, None, args.cap, args.sites, dead_after)
         await asyncio.sleep(args.interval)
-        second = await take_snapshot(conn, first.at, args.cap, args.sites)
+        second = await take_snapshot(conn, first.at, args.cap, args.sites, dead_after)
     return build_frame(first, second)
 
 
@@ -174,7 +194,13 @@ async def keep_showing(settings: Settings, args: argparse.Namespace, show: Calla
             async with operator_connection(settings) as conn:
                 await read_only(conn)
                 while True:
-                    current = await take_snapshot(conn, previous.at if previous else None, args.cap, args.sites)
+                    current = await take_snapshot(
+                        conn,
+                        previous.at if previous else None,
+                        args.cap,
+                        args.sites,
+                        timedelta(seconds=settings.cluster.dead_after),
+                    )
                     last = build_frame(previous, current)
                     show(last)
                     previous = current

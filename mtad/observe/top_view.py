@@ -15,6 +15,9 @@ How the numbers are made, and what they mean:
   refresh never scans a huge queue. Finished states (delivered, bounced, ...) are history, not queue: their
   growth is the event rates above.
 - oldest pending: the oldest queued or deferred recipient (as the queue-age gauge and alert).
+- nodes: every registered node (the `nodes` table of mtad.cluster) with its heartbeat age, whether it counts as
+  alive (heartbeat within `cluster.dead_after`), what it holds (in flight and pending, from its fresh
+  site_status rows) and its cluster-wide connection slots; the last line adds them up for the cluster.
 - sites: from `site_status`, published by every delivering node every few seconds; rows not refreshed within
   two minutes are from nodes that stopped and are left out. Busiest sites add up all nodes' views of a site;
   troubled sites (health other than healthy) are listed per node, as each node has its own window.
@@ -68,6 +71,18 @@ class SiteTrouble:
 
 
 @dataclass(frozen=True)
+class NodeLoad:
+    """One registered node: alive or not, and what it holds."""
+
+    node: str
+    alive: bool
+    silent_s: float
+    in_flight: int
+    pending: int
+    slots: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     at: datetime  # the database's clock when the snapshot was taken
     database: str  # name@host:port, never credentials
@@ -82,6 +97,7 @@ class Snapshot:
     troubled_sites: int  # distinct sites some node sees as not healthy
     busiest: Sequence[SiteLoad] = ()
     troubled: Sequence[SiteTrouble] = ()
+    node_loads: Sequence[NodeLoad] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,7 @@ class Frame:
     troubled_sites: int
     busiest: Sequence[SiteLoad] = ()
     troubled: Sequence[SiteTrouble] = ()
+    node_loads: Sequence[NodeLoad] = ()
     status: str = ""  # e.g. "database unavailable: ..., retrying" in the live view
 
 
@@ -204,6 +221,7 @@ def build_frame(
         troubled_sites=current.troubled_sites,
         busiest=busiest_order(current.busiest),
         troubled=troubled_order(current.troubled),
+        node_loads=sorted(current.node_loads, key=lambda n: (not n.alive, n.node)),
         status=status,
     )
 
@@ -234,6 +252,8 @@ def render_lines(frame: Frame, interval_s: float | None = None) -> list[Line]:
         lines.append(Line(f"out    {out}"))
     queue = "  ".join(f"{state} {capped(frame.queue[state], frame.cap)}" for state in QUEUE_STATES)
     lines.append(Line(f"queue  {queue}  oldest pending {format_duration(frame.oldest_pending_age_s)}"))
+
+    lines += _node_lines(frame)
 
     lines.append(Line(""))
     lines.append(Line(f"busiest sites ({frame.sites} reporting)", "title"))
@@ -277,6 +297,31 @@ def render_lines(frame: Frame, interval_s: float | None = None) -> list[Line]:
             )
     else:
         lines.append(Line("  none", "dim"))
+    return lines
+
+
+def _node_lines(frame: Frame) -> list[Line]:
+    alive = [n for n in frame.node_loads if n.alive]
+    lines = [Line(""), Line(f"nodes ({len(alive)} alive, {len(frame.node_loads) - len(alive)} dead)", "title")]
+    if not frame.node_loads:
+        return lines + [Line("  none registered", "dim")]
+    lines.append(
+        Line(f"  {'node':<{SITE_WIDTH}} {'state':<6} {'heartbeat':>9} {'in flight':>9} {'pending':>8} {'slots':>6}", "dim")
+    )
+    for n in frame.node_loads:
+        lines.append(
+            Line(
+                f"  {truncate(n.node, SITE_WIDTH):<{SITE_WIDTH}} {'alive' if n.alive else 'dead':<6}"
+                f" {format_duration(n.silent_s) + ' ago':>9} {n.in_flight:>9} {n.pending:>8} {n.slots:>6}",
+                "" if n.alive else "dead",
+            )
+        )
+    lines.append(
+        Line(
+            f"  {'cluster':<{SITE_WIDTH}} {'':<6} {'':>9} {sum(n.in_flight for n in alive):>9}"
+            f" {sum(n.pending for n in alive):>8} {sum(n.slots for n in alive):>6}"
+        )
+    )
     return lines
 
 
@@ -324,5 +369,6 @@ def frame_as_json(frame: Frame) -> dict[str, Any]:
             "troubled_sites": frame.troubled_sites,
             "busiest": [asdict(s) for s in frame.busiest],
             "troubled": [asdict(s) for s in frame.troubled],
+            "nodes_registered": [asdict(n) for n in frame.node_loads],
         }
     )

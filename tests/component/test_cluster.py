@@ -186,19 +186,19 @@ async def test_a_throttle_met_by_one_node_slows_the_others(db_url, tenants, pool
     try:
         await start_nodes(nodes)
         await queue_messages(pool, [[f"r{n}@a.example"] for n in range(200)])
-        assert await until(lambda: both_nodes_backed_off(nodes), timeout_s=30)
+        assert await until(lambda: told_of_the_others_throttle(nodes), timeout_s=30)
     finally:
         stop_nodes(nodes)
 
 
-async def both_nodes_backed_off(nodes: list[DaemonProcess]) -> bool:
-    """Each node is either throttled itself or told by the other (delivery.throttled_elsewhere)."""
-    told = [any(e.get("event") == "delivery.throttled_elsewhere" for e in node.events()) for node in nodes]
-    return any(told)
+async def told_of_the_others_throttle(nodes: list[DaemonProcess]) -> bool:
+    """A node backed off because the other one was throttled (it logs delivery.throttled_elsewhere)."""
+    return any(e.get("event") == "delivery.throttled_elsewhere" for node in nodes for e in node.events())
 
 
 def test_mtad_nodes_lists_live_and_dead_nodes(db_url, tmp_path):
-    config = write_config(tmp_path / "ops.toml", {"database": {"url": db_url}, "cluster": CLUSTER})
+    # dead after 30 minutes: the live node's heartbeat must not age out while three commands start up
+    config = write_config(tmp_path / "ops.toml", {"database": {"url": db_url}, "cluster": {"dead_after": "30m"}})
     asyncio.run(_register(db_url))
     listing = subprocess.run(
         [sys.executable, "-m", "mtad", "--config", str(config), "nodes", "--json"],
@@ -211,7 +211,14 @@ def test_mtad_nodes_lists_live_and_dead_nodes(db_url, tmp_path):
         [sys.executable, "-m", "mtad", "--config", str(config), "nodes"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
-    assert "1 alive, 1 dead" in text
+    assert "1 alive, 1 dead (silent longer than 1800s)" in text
+    top = subprocess.run(
+        [sys.executable, "-m", "mtad", "--config", str(config), "top", "--json", "--interval", "0.1"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    shown = {n["node"]: n for n in json.loads(top.stdout)["nodes_registered"]}
+    assert shown["mx1:100:aaaaaa"]["alive"] and shown["mx1:100:aaaaaa"]["slots"] == 1
+    assert not shown["mx2:200:bbbbbb"]["alive"]
 
 
 async def _register(db_url: str) -> None:

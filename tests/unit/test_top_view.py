@@ -11,6 +11,7 @@ import pytest
 from mtad.observe.top_view import (
     ERROR_WIDTH,
     Frame,
+    NodeLoad,
     SiteLoad,
     SiteTrouble,
     Snapshot,
@@ -249,3 +250,26 @@ def test_json_frame_keeps_numbers_and_whole_errors():
     assert document["busiest"][0] == {
         "site": "google", "provider": "google", "nodes": 3, "window": 60, "in_flight": 55, "pending": 12_000,
     }
+
+
+def test_nodes_are_listed_alive_first_with_cluster_totals_of_the_live_ones():
+    current = snapshot(
+        at=T0 + timedelta(seconds=2),
+        node_loads=[
+            NodeLoad("mx2:41:bbbbbb", False, 3600.0, 4, 100, 2),  # dead: what it held is not counted
+            NodeLoad("mx1:40:aaaaaa", True, 0.4, 6, 500, 6),
+            NodeLoad("mx1:42:cccccc", True, 1.2, 2, 300, 2),
+        ],
+    )
+    frame = build_frame(snapshot(), current)
+    lines = render_text(frame).splitlines()
+    start = lines.index("nodes (2 alive, 1 dead)")
+    rows = [line.split() for line in lines[start + 2 : start + 6]]
+    assert rows == [
+        ["mx1:40:aaaaaa", "alive", "0s", "ago", "6", "500", "6"],
+        ["mx1:42:cccccc", "alive", "1s", "ago", "2", "300", "2"],
+        ["mx2:41:bbbbbb", "dead", "1h", "00m", "ago", "4", "100", "2"],
+        ["cluster", "8", "800", "8"],
+    ]
+    assert {line.style for line in render_lines(frame) if "mx2:41" in line.text} == {"dead"}
+    assert [n["node"] for n in frame_as_json(frame)["nodes_registered"]] == ["mx1:40:aaaaaa", "mx1:42:cccccc", "mx2:41:bbbbbb"]
