@@ -1,4 +1,4 @@
-"""`mtad events --recipient ADDR [--tenant T] | --message QUEUE_ID [--json]`: what happened, in order."""
+"""`mtad events --recipient ADDR | --message QUEUE_ID [--tenant T] [--json]`: what happened, in order."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     target = events.add_mutually_exclusive_group(required=True)
     target.add_argument("--recipient")
     target.add_argument("--message", metavar="QUEUE_ID")
-    events.add_argument("--tenant", help="with --recipient: only this tenant's mail")
+    events.add_argument("--tenant", help="only this tenant's mail")
     events.add_argument("--limit", type=int, default=1000)
     events.add_argument("--json", action="store_true")
     events.set_defaults(handler=run_events)
@@ -29,7 +29,8 @@ def run_events(settings: Settings, args: argparse.Namespace) -> int:
                 return await conn.fetch(queries()["events_by_recipient"], args.recipient, args.tenant, args.limit)
             return await conn.fetch(queries()["events_by_message"], args.message, args.limit)
 
-    rows = [dict(row) for row in asyncio.run(fetch())]
+    # --message used to ignore --tenant: a tenant's filter showed another tenant's message
+    rows = [dict(row) for row in asyncio.run(fetch()) if args.tenant is None or row["tenant"] == args.tenant]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
