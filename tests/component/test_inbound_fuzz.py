@@ -481,3 +481,114 @@ async def tls_handshake_junk(daemon: FuzzDaemon, junk: bytes) -> None:
 def test_garbage_instead_of_a_tls_handshake_harms_nobody(fuzz_daemon, junk):
     fuzz_daemon.run(tls_handshake_junk(fuzz_daemon, junk))
     fuzz_daemon.assert_healthy()
+
+
+# --- relay tricks and header injection over real SMTP (the address rules themselves: tests/unit/policy) ----
+
+RELAY_RECIPIENTS = {
+    "percent-hack": b"<victim%example.net@acme.example>",
+    "quoted-local": b'<"victim@example.net"@acme.example>',
+    "ip-literal": b"<victim@[192.0.2.1]>",
+    "ipv6-literal": b"<victim@[IPv6:2001:db8::1]>",
+    "cr-inside": b"<victim@example.net\rRCPT TO:<other@example.org>>",
+    "nul-inside": b"<victim@example.net\x00@acme.example>",
+}
+
+
+async def relay_attempt(daemon: FuzzDaemon, rcpt: bytes, authenticated: bool) -> list[tuple[int, str]]:
+    before = await daemon.pool.fetchval("SELECT count(*) FROM recipients")
+    session = await CheckedSMTP.open(daemon.submission_port)
+    try:
+        if authenticated:
+            await session.client.authenticated("acme", PASSWORD)
+        else:
+            await session.line(b"EHLO relay.test")
+        replies = [await session.line(b"MAIL FROM:<news@acme.example>"), await session.line(b"RCPT TO:" + rcpt)]
+        replies.append(await session.data(VALID_MESSAGE))
+    finally:
+        await session.close()
+    assert await daemon.pool.fetchval("SELECT count(*) FROM recipients") == before
+    return replies
+
+
+@pytest.mark.parametrize("rcpt", list(RELAY_RECIPIENTS.values()), ids=list(RELAY_RECIPIENTS))
+@pytest.mark.parametrize("authenticated", [True, False], ids=["authenticated", "anonymous"])
+def test_relay_tricks_are_refused_over_smtp_and_nothing_is_stored(fuzz_daemon, rcpt, authenticated):
+    mail, rcpt_reply, data = fuzz_daemon.run(relay_attempt(fuzz_daemon, rcpt, authenticated))
+    if authenticated:
+        assert mail[0] == 250 and rcpt_reply[0] in (501, 553) and rcpt_reply[1][4:6] == "5.", rcpt_reply
+    else:
+        assert mail[0] == 530 and rcpt_reply[0] in (501, 503, 530, 553), rcpt_reply
+    assert data[0] in (503, 554), data  # no valid recipient: DATA is refused
+    fuzz_daemon.assert_healthy()
+
+
+async def routed_recipient(daemon: FuzzDaemon, rcpt: bytes) -> tuple[int, list[str]]:
+    session = await CheckedSMTP.open(daemon.submission_port)
+    try:
+        await session.client.authenticated("acme", PASSWORD)
+        assert (await session.line(b"MAIL FROM:<news@acme.example>"))[0] == 250
+        code, text = await session.line(b"RCPT TO:" + rcpt)
+        if code != 250:
+            return code, []
+        code, text = await session.data(VALID_MESSAGE)
+        assert code == 250, text
+    finally:
+        await session.close()
+    queue_id = re.search(r"queued as ([0-9A-Z]{16})", text).group(1)
+    rows = await daemon.pool.fetch(
+        "SELECT r.address FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.queue_id = $1", queue_id
+    )
+    return 250, [r["address"] for r in rows]
+
+
+@pytest.mark.parametrize("rcpt", [b"<@acme.example:victim@example.net>", b"<@a.example,@b.example:victim@example.net>"])
+def test_a_source_route_is_refused_or_dropped_never_followed(fuzz_daemon, rcpt):
+    """aiosmtpd strips the route before mtad sees the address (RFC 5321 appendix C allows ignoring it): an
+    authenticated tenant may mail victim@example.net anyway, but never via the hosts the route names."""
+    code, stored = fuzz_daemon.run(routed_recipient(fuzz_daemon, rcpt))
+    assert code in (250, 501, 553)
+    assert stored in ([], ["victim@example.net"])
+
+
+INJECTIONS = [
+    (b"EHLO evil\rBcc: victim@example.net", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net>"),
+    (b"EHLO client.test", b"MAIL FROM:<news@acme.example> ENVID=a\rBcc: victim@example.net", b"RCPT TO:<x@example.net>"),
+    (b"EHLO client.test", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net> ORCPT=rfc822;a\rBcc: victim@x.y"),
+    (b"EHLO client.test", b"MAIL FROM:<news@acme.example\rBcc: victim@example.net>", b"RCPT TO:<x@example.net>"),
+    (b"EHLO client.test", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net\rBcc: victim@example.net>"),
+]
+HOSTILE_TENANT_HEADERS = (  # the client's own headers are its business; what mtad reads from them is not
+    b"X-Mtad-List: offers Bcc: victim@example.net  and more <b>\xff\x00\r\n"
+    b"X-Mtad-Class: marketing\r\n"
+)
+
+
+async def injection_attempt(daemon: FuzzDaemon, helo: bytes, mail: bytes, rcpt: bytes) -> tuple[bytes, str] | None:
+    session = await CheckedSMTP.open(daemon.submission_port)
+    try:
+        await session.client.authenticated("acme", PASSWORD)
+        await session.line(helo)
+        if (await session.line(mail))[0] != 250 or (await session.line(rcpt))[0] != 250:
+            return None
+        code, text = await session.data(HOSTILE_TENANT_HEADERS + VALID_MESSAGE)
+        assert code == 250, text
+    finally:
+        await session.close()
+    queue_id = re.search(r"queued as ([0-9A-Z]{16})", text).group(1)
+    row = await daemon.pool.fetchrow("SELECT body, mail_from, list_id FROM messages WHERE queue_id = $1", queue_id)
+    return row["body"], row["mail_from"], row["list_id"]
+
+
+@pytest.mark.parametrize(("helo", "mail", "rcpt"), INJECTIONS, ids=["helo", "envid", "orcpt", "sender", "recipient"])
+def test_no_header_can_be_injected_through_the_envelope_or_tenant_headers(fuzz_daemon, helo, mail, rcpt):
+    stored = fuzz_daemon.run(injection_attempt(fuzz_daemon, helo, mail, rcpt))
+    if stored is not None:  # the command was accepted: what it carried must not have become a header
+        body, mail_from, list_id = stored
+        header_block = body.split(b"\r\n\r\n", 1)[0]
+        lines = re.split(rb"\r\n|\r|\n", header_block)
+        assert not [line for line in lines if line.lower().startswith(b"bcc")], header_block
+        assert b"\r" not in header_block.replace(b"\r\n", b"")
+        assert mail_from == "news@acme.example"
+        assert re.fullmatch(r"[a-z0-9._@+-]{1,200}", list_id), list_id  # reduced to safe characters
+    fuzz_daemon.assert_healthy()
