@@ -553,7 +553,7 @@ def test_a_source_route_is_refused_or_dropped_never_followed(fuzz_daemon, rcpt):
 
 INJECTIONS = [
     (b"EHLO evil\rBcc: victim@example.net", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net>"),
-    (b"EHLO client.test", b"MAIL FROM:<news@acme.example> ENVID=a\rBcc: victim@example.net", b"RCPT TO:<x@example.net>"),
+    (b"EHLO client.test", b"MAIL FROM:<news@acme.example> ENVID=a\rBcc: victim@x.y", b"RCPT TO:<x@example.net>"),
     (b"EHLO client.test", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net> ORCPT=rfc822;a\rBcc: victim@x.y"),
     (b"EHLO client.test", b"MAIL FROM:<news@acme.example\rBcc: victim@example.net>", b"RCPT TO:<x@example.net>"),
     (b"EHLO client.test", b"MAIL FROM:<news@acme.example>", b"RCPT TO:<x@example.net\rBcc: victim@example.net>"),

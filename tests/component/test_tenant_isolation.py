@@ -67,8 +67,10 @@ async def test_queue_commands_with_a_tenant_filter_touch_only_that_tenant(tenant
     now = datetime.now(timezone.utc) + timedelta(hours=1)
     claims = await QueueStore(pool).claim("n", 10, 60, now)
     assert {c.tenant_id for c in claims} == {await pool.fetchval("SELECT id FROM tenants WHERE name = 'globex'")}
-    await QueueStore(pool).defer("n", [c.recipient_id for c in claims], Reply(450, "4.2.0", "busy"), now + timedelta(days=1), now)
-    assert "retry: acme: 0 recipients" in mtad(config, "queue", "retry", "--tenant", "acme").stdout  # globex stays deferred
+    busy = Reply(450, "4.2.0", "busy")
+    await QueueStore(pool).defer("n", [c.recipient_id for c in claims], busy, now + timedelta(days=1), now)
+    # acme has nothing deferred; globex's deferred recipients stay deferred
+    assert "retry: acme: 0 recipients" in mtad(config, "queue", "retry", "--tenant", "acme").stdout
     assert "resume: acme: 2" in mtad(config, "queue", "resume", "--tenant", "acme").stdout
     assert "cancel: acme: 2 recipients" in mtad(config, "queue", "cancel", "--tenant", "acme").stdout
     assert await states(pool) == {
