@@ -24,6 +24,7 @@ from mtad.db.migrate import migrate
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import SinkBehaviour
 from support.daemon import (
+    PASSWORD,
     DaemonProcess,
     SubmissionLoad,
     add_test_tenants,
@@ -32,6 +33,7 @@ from support.daemon import (
     write_shaping,
 )
 from support.queue import queue_messages
+from support.smtp_client import RawSMTP
 
 DOMAINS = ("a.example", "b.example", "c.example")
 CONNECTION_LIMIT = 4
@@ -139,6 +141,17 @@ async def check_every_accepted_recipient_delivered(load: SubmissionLoad, world: 
     return copies
 
 
+async def log_in_anew(port: int) -> tuple[int, str]:
+    client, _ = await RawSMTP.open(port)
+    try:
+        await client.command("EHLO late.test")
+        await client.starttls()
+        await client.command("EHLO late.test")
+        return await client.login("acme", PASSWORD)
+    finally:
+        await client.close()
+
+
 async def run_outage(cluster, admin, world, tmp_path, outage_s: float) -> None:
     process = daemon_for(cluster, world, tmp_path, poll_interval="1s")
     messages = 600
@@ -150,7 +163,8 @@ async def run_outage(cluster, admin, world, tmp_path, outage_s: float) -> None:
         assert await load.until_accepted(messages // 4, timeout_s=60)
         await asyncio.to_thread(cluster.stop, "immediate")  # in the middle of submissions and deliveries
         stopped_at = time.monotonic()
-        await asyncio.sleep(outage_s)
+        login_reply = await log_in_anew(process.ports[0])  # a client arriving now cannot be checked
+        await asyncio.sleep(max(0.0, outage_s - (time.monotonic() - stopped_at)))
         restarting_at = time.monotonic()
         assert process.process.poll() is None, "the daemon exited while the database was away"
         await asyncio.to_thread(cluster.start)
@@ -165,6 +179,7 @@ async def run_outage(cluster, admin, world, tmp_path, outage_s: float) -> None:
     assert during or refused_logins, "no submission was tried while the database was down"
     assert all(400 <= a.code < 500 for a in during), Counter(a.code for a in during)
     assert all(400 <= code < 500 for code in refused_logins)
+    assert login_reply[0] == 454 and login_reply[1][4:9] == "4.7.0", login_reply
     assert len(load.accepted) >= messages
     assert any(a.sent_at > restarting_at for a in load.accepted)  # submission works again
     assert any(m.mail_at > restarting_at for m in world.messages)  # delivery resumed by itself
