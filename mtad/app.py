@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import signal
 import ssl
@@ -112,13 +113,18 @@ async def prepare_database(settings: Settings) -> EmbeddedPostgres | None:
     whose workers then find both ready). Returns the cluster if this call started it."""
     cluster = embedded_cluster(settings)
     started = cluster if cluster is not None and await asyncio.to_thread(cluster.start) else None
-    conn = await connect(cluster.url() if cluster else settings.database.url, settings.database)
     try:
-        if settings.database.auto_migrate:
-            await migrate(conn)
-        await check_schema(conn)
-    finally:
-        await conn.close()
+        conn = await connect(cluster.url() if cluster else settings.database.url, settings.database)
+        try:
+            if settings.database.auto_migrate:
+                await migrate(conn)
+            await check_schema(conn)
+        finally:
+            await conn.close()
+    except BaseException:
+        if started is not None:
+            await asyncio.to_thread(started.stop)
+        raise
     return started
 
 
@@ -335,6 +341,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.queue.reclaim_interval)
             try:
+                if self.runner is not None:
+                    await self.runner.keep_leases_if_due()  # never reclaim our own after an outage
                 reclaimed = await store.reclaim_expired(datetime.now(timezone.utc))
             except DATABASE_UNAVAILABLE as exc:
                 log_event(log, "queue.reclaim_failed", logging.WARNING, error=type(exc).__name__)
@@ -420,7 +428,21 @@ class Daemon:
         log_event(log, "daemon.stopped")
 
 
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every inbound session and pooled outbound connection is a
+    descriptor, and 10,000 destination sites keep thousands open (systemd's unit sets the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit we were given
+
+
 async def run_daemon(settings: Settings, config_path: Path | None) -> None:
+    raise_open_file_limit()
     daemon = Daemon(settings, config_path)
     daemon.install_signal_handlers()
     try:

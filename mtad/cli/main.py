@@ -37,7 +37,7 @@ def run(settings, args) -> int:
     import uvloop
 
     from mtad.app import run_daemon
-    from mtad.cluster.workers import Supervisor, worker_index
+    from mtad.cluster.workers import Supervisor, die_with_the_supervisor, worker_index
     from mtad.observe.logs import configure_logging
 
     workers = args.workers if args.workers is not None else settings.cluster.workers
@@ -45,6 +45,8 @@ def run(settings, args) -> int:
         print("mtad: --workers must be at least 1", file=sys.stderr)
         return 2
     configure_logging(settings.logging.format, settings.logging.level)
+    if worker_index() is not None:
+        die_with_the_supervisor()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if workers > 1 and worker_index() is None:
             return runner.run(Supervisor(settings, args.config_path, workers).run())

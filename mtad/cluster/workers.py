@@ -39,6 +39,20 @@ def worker_index(environ=os.environ) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+def die_with_the_supervisor() -> None:
+    """In a worker: have the kernel send SIGTERM when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no orphaned worker keeps serving with nobody to stop or restart it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's own signals are all there is
+    if os.getppid() == 1:  # the supervisor died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def shifted_port(address: str, by: int) -> str:
     """'127.0.0.1:8025' shifted by 2 -> '127.0.0.1:8027' (port 0 stays 0: the kernel picks)."""
     host, _, port = address.rpartition(":")

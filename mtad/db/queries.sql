@@ -93,6 +93,26 @@ SELECT $8, state, tenant_id, message_id, id, code, enhanced, reply, site, mx_hos
 FROM finished
 RETURNING recipient_id;
 
+-- release_owner --
+-- A clean stop: everything still leased by this owner goes back, including claims a cancelled claim loop
+-- never handed to the scheduler.
+WITH released AS (
+    UPDATE recipients
+    SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = $2
+    WHERE state = 'active' AND lease_owner = $1
+    RETURNING id, message_id, tenant_id
+)
+INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
+SELECT $2, 'released', tenant_id, message_id, id FROM released
+RETURNING recipient_id;
+
+-- extend_leases --
+-- Recipients this owner still holds (waiting in memory or in flight) keep their lease: a long attempt or a
+-- database outage must not let the lease run out under us and a second claim deliver them again.
+UPDATE recipients SET lease_expires_at = $3 + make_interval(secs => $4)
+WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2;
+
 -- release --
 -- Give leases back without an attempt (shutdown, held too long in memory), due again at $4 if given.
 WITH released AS (
@@ -302,12 +322,15 @@ WITH target AS (
     SELECT pg_notify('mtad_suppressed', t.tenant_id || ' unsubscribed ' || CASE WHEN $3 = '' THEN '*' ELSE $3 END
                                         || ' ' || t.address)
     FROM target AS t
+), recorded AS (
+    -- Only the first unsubscribe is an event: a replayed link or a repeated POST changes nothing more.
+    INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
+    SELECT $5, 'unsubscribed', t.tenant_id, t.message_id, $1,
+           CASE WHEN $3 = '' THEN 'from all marketing mail' ELSE 'from list ' || $3 END, $4
+    FROM target AS t WHERE EXISTS (SELECT 1 FROM added)
 )
-INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply, source)
-SELECT $5, 'unsubscribed', t.tenant_id, t.message_id, $1,
-       CASE WHEN $3 = '' THEN 'from all marketing mail' ELSE 'from list ' || $3 END, $4
-FROM target AS t, (SELECT count(*) FROM notified) AS n
-RETURNING (SELECT count(*) FROM cancelled) AS cancelled;
+SELECT (SELECT count(*) FROM cancelled) AS cancelled, (SELECT count(*) FROM notified) AS notified
+FROM target;
 
 -- recipient_for_token --
 -- What an unsubscribe token points at: the recipient, its tenant, its message's class and list.

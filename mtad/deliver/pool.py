@@ -22,6 +22,10 @@ from mtad.policy.rate import TokenBucket
 from mtad.policy.shaping import SiteShape
 
 
+def _count(pairs: list[tuple[str, OutboundConnection]], site: str) -> int:
+    return sum(1 for s, _ in pairs if s == site)
+
+
 class NoConnectionSlot(Exception):
     """Every cluster-wide slot of the site is held (by this node or others): try again shortly."""
 
@@ -109,29 +113,33 @@ class ConnectionPool:
         """Other nodes wait for slots of these sites: keep at most the given number of connections open to
         each (closing idle ones now, busy ones when their transaction ends) until they stop asking."""
         self._fair_share = dict(wanted)
-        for key, conns in list(self._idle.items()):
-            site = key[0]
-            while conns and site in wanted and self._open_per_site[site] > wanted[site]:
-                await self._close(site, conns.pop())
+        surplus = []
+        for key in list(self._idle):
+            site, conns = key[0], self._idle[key]
+            while conns and site in wanted and self._open_per_site[site] - _count(surplus, site) > wanted[site]:
+                surplus.append((site, conns.pop()))
             if not conns:
                 del self._idle[key]
+        await self._close_detached(surplus)
 
     async def close_idle(self, now: float) -> None:
         """Close connections unused for longer than their site's idle timeout."""
-        for key, conns in list(self._idle.items()):
-            keep = []
-            for conn in conns:
-                if now - conn.last_used >= conn.idle_timeout_s:
-                    await self._close(key[0], conn)
-                else:
-                    keep.append(conn)
-            if keep:
-                self._idle[key] = keep
-            else:
+        expired = []
+        for key in list(self._idle):
+            conns = self._idle[key]
+            expired += [(key[0], conn) for conn in conns if now - conn.last_used >= conn.idle_timeout_s]
+            conns[:] = [conn for conn in conns if now - conn.last_used < conn.idle_timeout_s]
+            if not conns:
                 del self._idle[key]
+        await self._close_detached(expired)
+
+    async def _close_detached(self, connections: list[tuple[str, OutboundConnection]]) -> None:
+        # Taken out of the idle lists before the first await: acquire() can neither hand one of them out
+        # while it is being closed nor see a list change under its feet.
+        for site, conn in connections:
+            await self._close(site, conn)
 
     async def close_all(self) -> None:
-        for key, conns in list(self._idle.items()):
-            for conn in conns:
-                await self._close(key[0], conn)
+        every = [(key[0], conn) for key, conns in self._idle.items() for conn in conns]
         self._idle.clear()
+        await self._close_detached(every)

@@ -30,6 +30,7 @@ class TransactionResult:
     connection_lost: bool = False
     lost_reply: Reply | None = None  # why the session ended mid-transaction (timeout, reset, garbage, 421)
     withdrawn: list[int] = field(default_factory=list)  # not attempted: `still_wanted` said no just before MAIL
+    stale: bool = False  # the reused connection had died while idle (RSET failed): nothing was attempted
 
 
 async def run_transaction(
@@ -51,7 +52,13 @@ async def run_transaction(
     stage = "RSET"
     try:
         if conn.deliveries:
-            await client.rset()  # a cheap probe that the reused connection is still alive and in a clean state
+            try:
+                await client.rset()  # a cheap probe that the reused connection is still alive and clean
+            except CONNECTION_ERRORS:  # a 421 "idle too long" reply included (an SMTPException)
+                # The server closed it while it sat in our pool (its idle timeout may be shorter than ours):
+                # no attempt was made, and the caller simply takes another connection.
+                result.stale, result.reusable = True, False
+                return result
         result.withdrawn = [rid for rid, _ in recipients if not still_wanted(rid)]
         recipients = [(rid, address) for rid, address in recipients if rid not in result.withdrawn]
         for recipient_id in result.withdrawn:

@@ -31,6 +31,15 @@ class OutcomeWriter:
         self._clock = clock
         self._waiting: list[tuple[Sequence[Outcome], asyncio.Future[set[int]]]] = []
         self._kick = asyncio.Event()
+        self._writing = False
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until every outcome handed in so far is written (before a stop cancels `run`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self._waiting or self._writing) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return not (self._waiting or self._writing)
 
     async def record(self, outcomes: Sequence[Outcome]) -> set[int]:
         """Returns the recipient ids recorded (those still leased by this node)."""
@@ -52,6 +61,7 @@ class OutcomeWriter:
                     outcomes, future = self._waiting.pop(0)
                     batch.append((outcomes, future))
                     size += len(outcomes)
+                self._writing = True
                 try:
                     recorded = await self._store.record_outcomes(
                         self._owner, [o for outcomes, _ in batch for o in outcomes], self._clock()
@@ -59,6 +69,7 @@ class OutcomeWriter:
                 except DATABASE_UNAVAILABLE as exc:
                     log_event(log, "outcomes.write_failed", logging.WARNING, error=type(exc).__name__, retry_s=retry_s)
                     self._waiting[:0] = batch
+                    self._writing = False
                     await asyncio.sleep(retry_s)
                     retry_s = min(retry_s * 2, MAX_RETRY_S)
                     continue
@@ -70,7 +81,9 @@ class OutcomeWriter:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
+                    self._writing = False
                     continue
+                self._writing = False
                 retry_s = 0.1
                 for outcomes, future in batch:
                     if not future.done():

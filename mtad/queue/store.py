@@ -147,6 +147,13 @@ class QueueStore:
         rows = await self._pool.fetch(self._sql["release"], list(recipient_ids), owner, now, not_before)
         return {row["recipient_id"] for row in rows}
 
+    async def release_owner(self, owner: str, now: datetime) -> int:
+        """Give back every lease `owner` still holds (a clean stop); returns how many."""
+        return len(await self._pool.fetch(self._sql["release_owner"], owner, now))
+
+    async def extend_leases(self, owner: str, recipient_ids: Iterable[int], now: datetime, lease_s: float) -> None:
+        await self._pool.execute(self._sql["extend_leases"], list(recipient_ids), owner, now, float(lease_s))
+
     async def reclaim_expired(self, now: datetime, limit: int = 10_000) -> int:
         """Return recipients whose lease ran out to the queue, due now; returns how many."""
         rows = await self._pool.fetch(self._sql["reclaim_expired"], now, limit)

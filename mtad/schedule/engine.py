@@ -108,14 +108,16 @@ class Scheduler:
         self._sites: dict[str, _Site] = {}
         self._rotation: deque[str] = deque()
         self._ids = itertools.count(1)
+        self._in_flight: dict[int, Dispatch] = {}
+        self._remote_throttles: dict[str, tuple[float, str]] = {}  # sites not held here yet: (when, error)
         self.held = 0  # recipients pending or in flight
 
     def add(self, shape: SiteShape, route: Route, claims: list[Claim], now: float) -> None:
-        site = self._site(shape)
+        site = self._site(shape, now)
         site.pending.extend(_Waiting(claim, route, now) for claim in claims)
         self.held += len(claims)
 
-    def _site(self, shape: SiteShape) -> _Site:
+    def _site(self, shape: SiteShape, now: float) -> _Site:
         site = self._sites.get(shape.site)
         if site is None:
             rate = shape.limits.max_message_rate
@@ -124,6 +126,9 @@ class Scheduler:
             site = _Site(shape=shape, window=DestinationWindow(shape.limits), message_rate=bucket)
             self._sites[shape.site] = site
             self._rotation.append(shape.site)
+            told = self._remote_throttles.pop(shape.site, None)
+            if told is not None and now - told[0] < shape.limits.backoff_for_s:
+                site.window.on_throttled(told[0], told[1])  # another node was throttled just before we came
         elif site.shape != shape:  # the shaping file was reloaded
             site.shape = shape
             site.window.limits = shape.limits
@@ -166,9 +171,17 @@ class Scheduler:
             claims.append(waiting.claim)
             held_since = min(held_since, waiting.since)
         site.in_flight += 1
-        return Dispatch(
+        dispatch = Dispatch(
             next(self._ids), name, site.shape, first.route, first.claim.message_id, tuple(claims), held_since
         )
+        self._in_flight[dispatch.id] = dispatch
+        return dispatch
+
+    def held_recipient_ids(self) -> list[int]:
+        """Every recipient this scheduler holds, waiting or in flight: the leases to keep alive."""
+        ids = [w.claim.recipient_id for site in self._sites.values() for w in site.pending]
+        ids += [c.recipient_id for dispatch in self._in_flight.values() for c in dispatch.claims]
+        return ids
 
     def finish(
         self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, held: int | None = None
@@ -177,6 +190,7 @@ class Scheduler:
         `held`: how many the dispatch had when it was taken, if the caller dropped some before the attempt."""
         site = self._sites[dispatch.site]
         site.in_flight -= 1
+        self._in_flight.pop(dispatch.id, None)
         self.held -= len(dispatch.claims) if held is None else held
         if feedback is Feedback.DELIVERED:
             site.window.on_success(now)
@@ -194,6 +208,7 @@ class Scheduler:
         site = self._sites[dispatch.site]
         self.held -= dropped
         site.pending.extendleft(_Waiting(c, dispatch.route, dispatch.held_since) for c in reversed(dispatch.claims))
+        self._in_flight.pop(dispatch.id, None)
         site.in_flight -= 1  # still held: `held` does not change
         if feedback is Feedback.SESSION_FAILED:
             site.window.on_session_failure(now, error or "session failed")
@@ -204,9 +219,11 @@ class Scheduler:
             site.slot_cap_until = now + self._slot_retry_s
 
     def throttled_elsewhere(self, site_name: str, now: float, error: str | None) -> bool:
-        """Another node was throttled by this site: back off as if we had been. False if we do not hold it."""
+        """Another node was throttled by this site: back off as if we had been. False if we do not hold it
+        (yet): then it is remembered, and the site starts backed off if it comes within its backoff time."""
         site = self._sites.get(site_name)
         if site is None:
+            self._remote_throttles[site_name] = (now, error or "throttled (another node)")
             return False
         site.window.on_throttled(now, error or "throttled (another node)")
         return True
@@ -236,6 +253,7 @@ class Scheduler:
         """The attempt broke in an unexpected way: free its slot and forget its recipients (their leases
         expire and the queue hands them out again)."""
         self._sites[dispatch.site].in_flight -= 1
+        self._in_flight.pop(dispatch.id, None)
         self.held -= len(dispatch.claims)
 
     def take_unservable(self, now: float, max_hold_s: float) -> list[HandedBack]:
@@ -273,8 +291,10 @@ class Scheduler:
                 times.append(now + site.message_rate.seconds_until_token(now, site.window.rate_scale))
         return min(times) if times else None
 
-    def forget_quiet_sites(self, now: float) -> None:
+    def forget_quiet_sites(self, now: float, remember_throttles_s: float = 3600.0) -> None:
         """Drop healthy sites with nothing held, so memory follows the active destinations only."""
+        for name in [n for n, (at, _) in self._remote_throttles.items() if now - at > remember_throttles_s]:
+            del self._remote_throttles[name]
         for name in [
             name
             for name, site in self._sites.items()

@@ -106,6 +106,7 @@ class DeliveryRunner:
         self._room = asyncio.Event()
         self._deliveries: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
+        self._leases_renewed_at = time.monotonic()
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +115,7 @@ class DeliveryRunner:
             asyncio.create_task(self._claim_loop(), name="claim-loop"),
             asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
             asyncio.create_task(self._housekeeping(), name="delivery-housekeeping"),
+            asyncio.create_task(self._keep_leases(), name="lease-keeper"),
         ]
         if self.rate_tokens is not None:
             self._loops.append(asyncio.create_task(self._take_rate_tokens(), name="rate-tokens"))
@@ -124,13 +126,14 @@ class DeliveryRunner:
         if self._deliveries:
             _, still = await asyncio.wait(set(self._deliveries), timeout=grace_s)
             await cancel_and_wait(still)
-        held = self.scheduler.take_unservable(time.monotonic(), max_hold_s=-1)
-        if held:
-            try:
-                await self.store.release(self.claimer.owner, [h.claim.recipient_id for h in held], _utcnow())
-            except DATABASE_UNAVAILABLE:
-                pass  # their leases expire and another start reclaims them
+        # Outcomes of finished (and of cut) attempts first, then everything still leased goes back: what the
+        # scheduler held, and claims the cancelled claim loop had committed but not yet handed over.
+        await self.writer.drained(timeout_s=5.0)
         await cancel_and_wait([writer_task])
+        try:
+            await self.store.release_owner(self.claimer.owner, _utcnow())
+        except DATABASE_UNAVAILABLE:
+            pass  # their leases expire and another start reclaims them
         await self.pool.close_all()
 
     # -- claiming -----------------------------------------------------------------------------------
@@ -245,8 +248,9 @@ class DeliveryRunner:
         await self.pool.share_with_other_nodes(shares)
 
     def throttled_elsewhere(self, site: str, error: str | None) -> None:
-        if self.scheduler.throttled_elsewhere(site, time.monotonic(), error):
-            log_event(log, "delivery.throttled_elsewhere", site=site, error=error)
+        held = self.scheduler.throttled_elsewhere(site, time.monotonic(), error)
+        log_event(log, "delivery.throttled_elsewhere", site=site, error=error, held_here=held)
+        self._wake.set()
 
     def suppressed(self, payload: str) -> None:
         """NOTIFY mtad_suppressed: an unsubscribe or a hard bounce just now, maybe for a copy we hold."""
@@ -290,35 +294,43 @@ class DeliveryRunner:
         if message is None:
             raise LookupError(f"message {dispatch.message_id} of leased recipients is gone")
         copy = self.copies.make(message, dispatch.claims[0])
-        try:
-            conn = await self.pool.acquire(dispatch.shape, dispatch.route)
-        except NoConnectionSlot:
-            CLUSTER_SLOT_WAITS.labels(dispatch.shape.provider or "other").inc()
-            self.scheduler.put_back(dispatch, Feedback.NO_SLOT, time.monotonic(), dropped=dropped)
-            self._wake.set()
-            return
-        except SessionFailure as failure:
-            feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
-            SESSION_FAILURES.labels(dispatch.shape.provider or "other", feedback.value).inc()
-            self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=dropped)
-            log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
-            if failure.throttled:
-                self.announce_throttle(dispatch.site, str(failure))
-            self._wake.set()
-            return
         by_id = {c.recipient_id: c for c in dispatch.claims}
-        result = await run_transaction(
-            conn,
-            copy.mail_from,
-            [(c.recipient_id, c.address) for c in dispatch.claims],
-            copy.data,
-            smtputf8=message.smtputf8,
-            timeouts=self.timeouts,
-            throttle_patterns=self.shaping().throttle_patterns,
-            # Asked again right before MAIL FROM: loading, signing and connecting took time, and an
-            # unsubscribe may have arrived meanwhile.
-            still_wanted=lambda rid: not self.recent_suppressions.blocks(by_id[rid], time.monotonic()),
-        )
+        for _ in range(2):  # a pooled connection found dead at its RSET probe is replaced once
+            try:
+                conn = await self.pool.acquire(dispatch.shape, dispatch.route)
+            except NoConnectionSlot:
+                CLUSTER_SLOT_WAITS.labels(dispatch.shape.provider or "other").inc()
+                self.scheduler.put_back(dispatch, Feedback.NO_SLOT, time.monotonic(), dropped=dropped)
+                self._wake.set()
+                return
+            except SessionFailure as failure:
+                feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
+                SESSION_FAILURES.labels(dispatch.shape.provider or "other", feedback.value).inc()
+                self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=dropped)
+                log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
+                if failure.throttled:
+                    self.announce_throttle(dispatch.site, str(failure))
+                self._wake.set()
+                return
+            result = await run_transaction(
+                conn,
+                copy.mail_from,
+                [(c.recipient_id, c.address) for c in dispatch.claims],
+                copy.data,
+                smtputf8=message.smtputf8,
+                timeouts=self.timeouts,
+                throttle_patterns=self.shaping().throttle_patterns,
+                # Asked again right before MAIL FROM: loading, signing and connecting took time, and an
+                # unsubscribe may have arrived meanwhile.
+                still_wanted=lambda rid: not self.recent_suppressions.blocks(by_id[rid], time.monotonic()),
+            )
+            if not result.stale:
+                break
+            await self.pool.release(dispatch.shape, conn, reusable=False, max_open=0)
+        else:
+            self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=dropped)
+            self._wake.set()
+            return
         SUPPRESSED_BEFORE_ATTEMPT.inc(len(result.withdrawn))
         max_open = self.scheduler.concurrency_of(dispatch.site, time.monotonic())
         await self.pool.release(dispatch.shape, conn, reusable=result.reusable, max_open=max_open)
@@ -384,15 +396,40 @@ class DeliveryRunner:
             hard=bool(verdict and verdict.hard and state is RecipientState.BOUNCED),
         )
 
+    async def keep_leases_if_due(self) -> None:
+        """Renew the leases of every recipient held or in flight once a third of the lease has passed since
+        the last renewal. Also called right before this node reclaims expired leases, so that after a
+        database outage it renews its own before it could reclaim them."""
+        if time.monotonic() - self._leases_renewed_at < self.lease_s / 3:
+            return
+        ids = self.scheduler.held_recipient_ids()
+        for start in range(0, len(ids), 5000):
+            await self.store.extend_leases(self.claimer.owner, ids[start : start + 5000], _utcnow(), self.lease_s)
+        self._leases_renewed_at = time.monotonic()
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.keep_leases_if_due()
+            except DATABASE_UNAVAILABLE:
+                pass  # due still: tried again in a second
+
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(self.settings.status_interval)
-            now = time.monotonic()
-            await self.pool.close_idle(now)
-            if self.slots is not None:
-                CLUSTER_SLOTS_HELD.set(len(self.slots.held))
-            await self._publish_site_status(now)
-            self.scheduler.forget_quiet_sites(now)
+            try:
+                await self._housekeeping_round()
+            except Exception:  # noqa: BLE001 - one bad round must not end idle closing and status for good
+                log.exception("delivery housekeeping round failed")
+
+    async def _housekeeping_round(self) -> None:
+        now = time.monotonic()
+        await self.pool.close_idle(now)
+        if self.slots is not None:
+            CLUSTER_SLOTS_HELD.set(len(self.slots.held))
+        await self._publish_site_status(now)
+        self.scheduler.forget_quiet_sites(now)
 
     async def _publish_site_status(self, now: float) -> None:
         wall = _utcnow()

@@ -88,6 +88,7 @@ class SinkBehaviour:
     garbage_greeting: bool = False
     close_on_connect: bool = False  # accept the TCP connection and close it without a word
     close_after_greeting: bool = False  # send the 220 greeting, then close
+    hang_up_at_rset: bool = False  # answer RSET with 421 and close (an idle timeout racing the client's probe)
     greylist: bool = False  # 450 4.2.0 on the first RCPT of each recipient address, accepted from then on
 
 
@@ -294,6 +295,12 @@ class _SinkSMTP(SMTP):
             await self._hang_up(TRY_AGAIN_LATER)
             return
         await super().smtp_MAIL(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if self.sink.behaviour.hang_up_at_rset:
+            await self._hang_up("421 4.4.2 idle too long, closing")
+            return
+        await super().smtp_RSET(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         if not (self.sink.behaviour.drop_mid_data and self.envelope.rcpt_tos and not arg):

@@ -200,7 +200,7 @@ async def test_the_daemon_holds_at_most_max_active_recipients_and_its_memory_doe
     async with SmtpSink("127.0.0.2", 0, stall_greeting_s=600) as sink:
         document = daemon_document(db_url, tmp_path)
         # write_config writes inline-table keys bare, and "*" is only valid TOML quoted.
-        document["delivery"] = {"routes": {'"*"': f"127.0.0.2:{sink.port}"}, "max_active_recipients": MAX_ACTIVE,
+        document["delivery"] = {"routes": {"*": f"127.0.0.2:{sink.port}"}, "max_active_recipients": MAX_ACTIVE,
                                 "connect_timeout": "120s", "command_timeout": "120s"}
         document["queue"] = {"poll_interval": "200ms", "lease": "300s", "reclaim_interval": "300s"}
         daemon = DaemonProcess(write_config(tmp_path / "mtad.toml", document))

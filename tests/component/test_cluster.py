@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -34,9 +35,9 @@ async def world():
         yield world
 
 
-def node_config(tmp_path, db_url, world, shaping, name: str, **queue) -> DaemonProcess:
+def node_config(tmp_path, db_url, world, shaping, name: str, delivery: dict | None = None, **queue) -> DaemonProcess:
     document = delivering_process_document(
-        db_url, tmp_path / name, world, shaping, queue={"poll_interval": "200ms", **queue}
+        db_url, tmp_path / name, world, shaping, queue={"poll_interval": "200ms", **queue}, **(delivery or {})
     )
     document["cluster"] = CLUSTER
     return DaemonProcess(write_config(tmp_path / f"{name}.toml", document))
@@ -82,7 +83,7 @@ async def test_three_nodes_keep_a_sites_connection_limit_and_rate_for_the_whole_
     nodes = [node_config(tmp_path, db_url, world, shaping, f"node{k}") for k in range(3)]
     try:
         await start_nodes(nodes)
-        assert await until(lambda: live_nodes(pool), timeout_s=10) == 3
+        assert await until(lambda: live_nodes_are(pool, 3), timeout_s=10)
         await queue_messages(pool, [[f"r{n}@a.example"] for n in range(360)])
         leaseholders: set[str] = set()
 
@@ -110,6 +111,10 @@ async def live_nodes(pool) -> int:
     return await pool.fetchval("SELECT count(*) FROM nodes WHERE heartbeat_at > now() - interval '5 seconds'")
 
 
+async def live_nodes_are(pool, n: int) -> bool:
+    return await live_nodes(pool) == n
+
+
 async def test_a_node_killed_mid_run_has_its_leased_mail_delivered_by_the_others(
     db_url, tenants, pool, world, tmp_path
 ):
@@ -120,7 +125,7 @@ async def test_a_node_killed_mid_run_has_its_leased_mail_delivered_by_the_others
     nodes = [node_config(tmp_path, db_url, world, shaping, f"node{k}", lease="5m") for k in range(3)]
     try:
         await start_nodes(nodes)
-        assert await until(lambda: live_nodes(pool), timeout_s=10) == 3
+        assert await until(lambda: live_nodes_are(pool, 3), timeout_s=10)
         await queue_messages(pool, [[f"r{n}@a.example"] for n in range(600)])
         victim = nodes[1]
         victim_id = await until(lambda: node_holding_leases(pool), timeout_s=20, interval_s=0.02)
@@ -160,7 +165,7 @@ async def test_a_stalled_node_loses_its_slots_and_leases_to_the_others(db_url, t
     stalled = None
     try:
         await start_nodes(nodes)
-        assert await until(lambda: live_nodes(pool), timeout_s=10) == 3
+        assert await until(lambda: live_nodes_are(pool, 3), timeout_s=10)
         await queue_messages(pool, [[f"r{n}@a.example"] for n in range(400)])
         stalled_id = await until(lambda: node_holding_leases(pool), timeout_s=20, interval_s=0.02)
         stalled = next(node for node in nodes if f":{node.process.pid}:" in stalled_id)
@@ -181,19 +186,28 @@ async def test_a_throttle_met_by_one_node_slows_the_others(db_url, tenants, pool
         {"connection_limit": 6, "initial_destination_concurrency": 6, "backoff_for": "30s"},
     )
     sink = world.sinks["mx-a"]
-    sink.behaviour = SinkBehaviour(stall_after_data_s=0.02, reply_421_after_messages=20)
-    nodes = [node_config(tmp_path, db_url, world, shaping, f"node{k}") for k in range(2)]
+    sink.behaviour = SinkBehaviour(stall_after_data_s=0.02, reply_421_after_messages=50)
+    # Small claims and plenty of mail: both nodes hold mail for the site while the 421s come.
+    nodes = [
+        node_config(tmp_path, db_url, world, shaping, f"node{k}", {"status_interval": "300ms"}, claim_batch_size=20)
+        for k in range(2)
+    ]
     try:
         await start_nodes(nodes)
-        await queue_messages(pool, [[f"r{n}@a.example"] for n in range(200)])
+        await queue_messages(pool, [[f"r{n}@a.example"] for n in range(600)])
         assert await until(lambda: told_of_the_others_throttle(nodes), timeout_s=30)
+        assert await until(lambda: nodes_backed_off(pool, 2), timeout_s=15)  # each node's window, not one
     finally:
         stop_nodes(nodes)
 
 
 async def told_of_the_others_throttle(nodes: list[DaemonProcess]) -> bool:
-    """A node backed off because the other one was throttled (it logs delivery.throttled_elsewhere)."""
+    """A node heard that the other one was throttled (it logs delivery.throttled_elsewhere)."""
     return any(e.get("event") == "delivery.throttled_elsewhere" for node in nodes for e in node.events())
+
+
+async def nodes_backed_off(pool, n: int) -> bool:
+    return await pool.fetchval("SELECT count(DISTINCT node) FROM site_status WHERE health = 'backoff'") == n
 
 
 def test_mtad_nodes_lists_live_and_dead_nodes(db_url, tmp_path):
@@ -235,3 +249,56 @@ async def _register(db_url: str) -> None:
         )
     finally:
         await conn.close()
+
+
+async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_that_dies(
+    db_url, tenants, pool, world, tmp_path
+):
+    import aiohttp
+
+    from mtad.simulate.smtp_sink import free_port_on
+    from support.daemon import SubmissionLoad
+
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 4, "initial_destination_concurrency": 4})
+    smtp_port, http_port = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
+    document = delivering_process_document(db_url, tmp_path / "state", world, shaping, queue={"poll_interval": "200ms"})
+    document["submission"] = {"listen": [f"127.0.0.1:{smtp_port}"], "implicit_tls_listen": []}
+    document["http"] = {"listen": [f"127.0.0.1:{http_port}"]}
+    document["cluster"] = {**CLUSTER, "workers": 2}
+    supervisor = DaemonProcess(write_config(tmp_path / "mtad.toml", document))
+    try:
+        await asyncio.to_thread(supervisor.start)
+        assert await until(lambda: live_nodes_are(pool, 2), timeout_s=20)
+
+        # Both workers answer on the one submission port (the kernel spreads 16 sessions over them); each
+        # serves its own metrics on the HTTP port + its worker number.
+        load = SubmissionLoad(lambda: smtp_port, lambda n: [f"r{n}@a.example"], messages=80, sessions=16)
+        await load.run()
+        accepted = len(load.accepted)  # sessions in flight when the 80th was answered finish theirs too
+        assert accepted >= 80
+        accepted_by_worker = {}
+        async with aiohttp.ClientSession() as http:
+            for k in range(2):
+                async with http.get(f"http://127.0.0.1:{http_port + k}/metrics") as response:
+                    metrics = await response.text()
+                assert f'worker="{k}"' in metrics
+                accepted_by_worker[k] = sum(
+                    float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("mtad_ingest_submissions_total{") and 'result="accepted"' in line
+                )
+        assert sum(accepted_by_worker.values()) == accepted and min(accepted_by_worker.values()) > 0
+        assert await until(lambda: all_final(pool, accepted), timeout_s=30)
+
+        victim = await pool.fetchval("SELECT id FROM nodes ORDER BY started_at LIMIT 1")
+        os.kill(int(victim.split(":")[1]), signal.SIGKILL)
+        assert await until(lambda: replaced(pool, victim), timeout_s=30)  # restarted as a new node, the old reaped
+        supervisor.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(supervisor.wait, 30) == 0
+        assert await pool.fetchval("SELECT count(*) FROM nodes") == 0  # both workers left cleanly
+    finally:
+        supervisor.kill()
+
+
+async def replaced(pool, victim: str) -> bool:
+    ids = {r["id"] for r in await pool.fetch("SELECT id FROM nodes WHERE heartbeat_at > now() - interval '3 seconds'")}
+    return len(ids) == 2 and victim not in ids

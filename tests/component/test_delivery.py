@@ -210,6 +210,26 @@ async def test_a_thousand_messages_to_one_site_reuse_connections(db_url, tenants
     assert await until(lambda: _delivered(pool, 1000))
 
 
+async def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_without_a_deferral(
+    db_url, tenants, pool, world, tmp_path
+):
+    # The server's idle timeout fires just as our RSET probe of the pooled session goes out: 421 and close.
+    sink = world.sinks["mx-a"]
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 1, "idle_timeout": "60s"})
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping)
+    try:
+        await queue_messages(pool, [["first@a.example"]])
+        await sink.wait_for_messages(1, timeout_s=15)
+        sink.behaviour = SinkBehaviour(hang_up_at_rset=True)
+        await queue_messages(pool, [["second@a.example"]])
+        await sink.wait_for_messages(2, timeout_s=15)
+    finally:
+        await daemon.stop()
+    assert sink.connections_total == 2
+    kinds = [r["kind"] for r in await pool.fetch("SELECT kind FROM events ORDER BY id")]
+    assert kinds == ["delivered", "delivered"]  # no deferral: the dead connection was no attempt
+
+
 async def _delivered(pool, n: int) -> bool:
     return await pool.fetchval("SELECT count(*) FROM recipients WHERE state = 'delivered'") == n
 

@@ -139,6 +139,7 @@ async def test_replaying_an_unsubscribe_changes_nothing_more(daemon, pool):
     suppressions, states = await snapshot(pool)
     assert suppressions == after_first[0] and len(suppressions) == 1
     assert dict(states) == {first: "cancelled", later: "suppressed"}
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE kind = 'unsubscribed'") == 1  # one event, once
 
 
 @pytest.mark.parametrize("size", [16 * 1024 + 1, 1024 * 1024])

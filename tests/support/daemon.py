@@ -56,8 +56,11 @@ def ports_of(daemon: Daemon) -> tuple[int, int]:
 
 
 def write_config(path: Path, document: dict) -> Path:
+    def key(k: str) -> str:  # bare where TOML allows it, quoted otherwise ("*" routes, dotted domains)
+        return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
     def value(v: object) -> str:
-        return json.dumps(v) if not isinstance(v, dict) else "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        return json.dumps(v) if not isinstance(v, dict) else "{" + ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items()) + "}"
 
     lines = [f"{key} = {value(v)}" for key, v in document.items() if not isinstance(v, dict)]
     for section, table in document.items():

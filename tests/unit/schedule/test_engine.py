@@ -127,3 +127,26 @@ def test_a_throttle_met_by_another_node_backs_this_node_off_too():
     assert not scheduler.throttled_elsewhere("unknown.example", 1.0, "421")
     (state,) = scheduler.site_states(1.0)
     assert state.health == "backoff" and state.concurrency == 4 and state.rate_scale == 0.5
+
+
+def test_held_recipient_ids_are_the_waiting_and_the_in_flight_ones():
+    scheduler = Scheduler()
+    scheduler.add(shape("a", connection_limit=1, initial_destination_concurrency=1), ROUTE,
+                  claims(1, 1) + claims(2, 1), 0)
+    (dispatch,) = scheduler.next_dispatches(0)
+    assert sorted(scheduler.held_recipient_ids()) == [1000, 2000]
+    scheduler.finish(dispatch, Feedback.DELIVERED, 1)
+    assert scheduler.held_recipient_ids() == [2000]
+
+
+def test_a_throttle_told_before_this_node_holds_the_site_applies_when_it_comes_within_the_backoff_time():
+    scheduler = Scheduler()
+    assert not scheduler.throttled_elsewhere("a", 10.0, "421 4.7.0 slow down")
+    scheduler.add(shape("a", connection_limit=8, initial_destination_concurrency=8, backoff_for_s=30), ROUTE,
+                  claims(1, 4), 20.0)
+    (state,) = scheduler.site_states(20.0)
+    assert state.health == "backoff" and state.rate_scale == 0.5
+    later = Scheduler()
+    later.throttled_elsewhere("b", 10.0, "421")
+    later.add(shape("b", backoff_for_s=30), ROUTE, claims(2, 1), 50.0)  # long after: nothing to remember
+    assert later.site_states(50.0)[0].health == "healthy"
