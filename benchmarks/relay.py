@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=3, help="mtad/Postfix pairs, alternated (default 3)")
     parser.add_argument("--size", type=int, default=5120, help="message size in bytes (default 5120)")
     parser.add_argument("--dual", action="store_true", help="mtad signs with RSA-2048 and Ed25519 (two signatures)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="mtad processes sharing the listeners and the database (mtad run --workers, default 1)")
     parser.add_argument("--time-limit", type=float, default=600, metavar="S",
                         help="cap in seconds on injection plus delivery, per run (default 600)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG")
@@ -447,9 +449,14 @@ async def drive(port: int, args: argparse.Namespace, recipients: list[str], sink
 
 # -- one run ------------------------------------------------------------------------------------------
 
-def mtad_config(workdir: Path, db_url: str, sink_port: int) -> Path:
+def mtad_config(workdir: Path, db_url: str, sink_port: int, workers: int = 1) -> Path:
     config = deliver.write_config(workdir, db_url, sink_port, None)
     text = config.read_text()
+    if workers > 1:  # workers share one port (SO_REUSEPORT): it cannot be 0, which each would pick anew
+        listen = 'listen = ["127.0.0.1:0"]\nimplicit_tls_listen = []\n'
+        assert listen in text, "submit.write_config changed its [submission] section"
+        text = text.replace(listen, f'listen = ["127.0.0.1:{deliver._free_port()}"]\nimplicit_tls_listen = []\n', 1)
+        text += f"\n[cluster]\nworkers = {workers}\n"
     anchor = "implicit_tls_listen = []\n"
     assert anchor in text, "submit.write_config changed its [submission] section"
     text = text.replace(anchor, anchor + 'trusted_networks = [{ network = "127.0.0.1/32", tenant = "'
@@ -471,13 +478,13 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             url = cluster.url()
             submit.run_async(submit.prepare_database(url))
             keys = deliver.write_keys(workdir / "dkim", args.dual)
-            daemon, port = submit.start_daemon(mtad_config(workdir, url, sink.port), workdir / "mtad.log")
+            daemon, port = submit.start_daemon(mtad_config(workdir, url, sink.port, args.workers), workdir / "mtad.log")
             postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
             daemon_pid = daemon.pid
             roots = [daemon_pid, postmaster]
 
-            def mta_cpu() -> float:
-                return submit.cpu_seconds(daemon_pid, children=True) + tree_cpu_seconds(postmaster)
+            def mta_cpu() -> float:  # with workers, the daemon is a supervisor and its live children do the work
+                return tree_cpu_seconds(daemon_pid) + tree_cpu_seconds(postmaster)
             extra["dkim_signatures_expected"] = len(keys)
         else:
             postfix = PrivatePostfix(workdir, sink.port)
@@ -626,7 +633,8 @@ def markdown(report: dict) -> str:
              f"Python {report['machine']['python']}; mtad at {(report['source_at_start']['commit'] or '?')[:10]}"
              + (f" with uncommitted changes in {', '.join(report['source_at_start']['changed_under_mtad'])}"
                 if report["source_at_start"]["changed_under_mtad"] else "") + ".",
-             f"mtad: durable PostgreSQL, DKIM {report['mtad_dkim']}, connection_limit {CONNECTION_LIMIT}. "
+             f"mtad: durable PostgreSQL, DKIM {report['mtad_dkim']}, {report.get('mtad_workers', 1)} worker(s), "
+             f"connection_limit {CONNECTION_LIMIT}. "
              + (f"Postfix {report.get('postfix_version')}: relayed without signing (no DKIM built in), "
                 f"default queue settings + default_destination_concurrency_limit = {CONNECTION_LIMIT}."
                 if not report.get("postfix_missing") else f"**Postfix side missing**: {report['postfix_missing']}"),
@@ -772,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = pair_ratios(runs)
     report = {"timestamp": stamp, "machine": submit.machine(), "source_at_start": source, "source_at_end": source_state(), "messages": args.messages, "clients": args.clients,
               "pairs": args.pairs, "size": args.size, "domains": DOMAINS,
-              "mtad_dkim": "rsa-2048+ed25519" if args.dual else "rsa-2048",
+              "mtad_dkim": "rsa-2048+ed25519" if args.dual else "rsa-2048", "mtad_workers": args.workers,
               "postfix_dkim": "none (Postfix relayed without signing)", "postfix_missing": missing,
               "postfix_version": None if missing else postfix_version(), "postfix_config": postfix_config,
               "sink": "aiosmtpd (separate process, records X-Bench-Sent and arrival)",

@@ -347,6 +347,9 @@ class Daemon:
             except DATABASE_UNAVAILABLE as exc:
                 log_event(log, "queue.reclaim_failed", logging.WARNING, error=type(exc).__name__)
                 continue
+            except Exception:  # noqa: BLE001 - a bug in one round must not end reclaiming for good
+                log.exception("reclaiming expired leases failed")
+                continue
             if reclaimed:
                 log_event(log, "queue.leases_reclaimed", recipients=reclaimed)
 

@@ -110,7 +110,7 @@ RETURNING recipient_id;
 -- extend_leases --
 -- Recipients this owner still holds (waiting in memory or in flight) keep their lease: a long attempt or a
 -- database outage must not let the lease run out under us and a second claim deliver them again.
-UPDATE recipients SET lease_expires_at = $3 + make_interval(secs => $4)
+UPDATE recipients SET lease_expires_at = $3::timestamptz + make_interval(secs => $4::double precision)
 WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2;
 
 -- release --
@@ -145,6 +145,10 @@ WITH expired AS (
 INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
 SELECT $1, 'reclaimed', tenant_id, message_id, id FROM reclaimed
 RETURNING recipient_id;
+
+-- load_messages --
+-- The stored messages of a claimed batch in one round trip (instead of one per message).
+SELECT id, queue_id, tenant_id, mail_from, smtputf8, body, class, list_id FROM messages WHERE id = ANY ($1::bigint[]);
 
 -- load_message --
 -- The stored message for delivery: envelope sender and body.

@@ -1,7 +1,8 @@
 """Stored messages for delivery: loaded once from PostgreSQL, kept in an LRU bounded in bytes.
 
 Recipients of one message delivered in several transactions (several sites, retries, one copy per
-recipient) share one load; a backlog of large messages cannot exhaust memory.
+recipient) share one load; a backlog of large messages cannot exhaust memory. The messages of a claimed
+batch are loaded together (`prefetch`): one round trip per batch instead of one per message.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ class MessageCache:
             self._entries.move_to_end(message_id)
             return stored
         stored = await self._store.load_message(message_id)
-        if stored is None:
-            return None
-        self._entries[message_id] = stored
+        if stored is not None:
+            self._keep(stored)
+        return stored
+
+    async def prefetch(self, message_ids: set[int]) -> None:
+        missing = [message_id for message_id in message_ids if message_id not in self._entries]
+        if missing:
+            for stored in await self._store.load_messages(missing):
+                self._keep(stored)
+
+    def _keep(self, stored: StoredMessage) -> None:
+        if stored.id in self._entries:
+            return
+        self._entries[stored.id] = stored
         self._bytes += len(stored.body)
         while self._bytes > self._max_bytes and len(self._entries) > 1:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= len(evicted.body)
-        return stored

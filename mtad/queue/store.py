@@ -181,9 +181,12 @@ class QueueStore:
 
     async def load_message(self, message_id: int) -> StoredMessage | None:
         row = await self._pool.fetchrow(self._sql["load_message"], message_id)
-        if row is None:
-            return None
-        fields = dict(row)
-        return StoredMessage(
-            message_class=MessageClass(fields.pop("class")), list_id=fields.pop("list_id"), **fields
-        )
+        return None if row is None else _stored_message(row)
+
+    async def load_messages(self, message_ids: Sequence[int]) -> list[StoredMessage]:
+        return [_stored_message(row) for row in await self._pool.fetch(self._sql["load_messages"], list(message_ids))]
+
+
+def _stored_message(row) -> StoredMessage:
+    fields = dict(row)
+    return StoredMessage(message_class=MessageClass(fields.pop("class")), list_id=fields.pop("list_id"), **fields)

@@ -150,6 +150,10 @@ class DeliveryRunner:
                 log_event(log, "queue.claim_failed", logging.WARNING, error=type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
+            try:
+                await self.messages.prefetch({c.message_id for c in claims})
+            except DATABASE_UNAVAILABLE:
+                pass  # each delivery loads its message itself
             await self._route(claims)
             self._wake.set()
 
@@ -414,6 +418,8 @@ class DeliveryRunner:
                 await self.keep_leases_if_due()
             except DATABASE_UNAVAILABLE:
                 pass  # due still: tried again in a second
+            except Exception:  # noqa: BLE001 - a bug here must not end the renewals for good
+                log.exception("renewing leases failed")
 
     async def _housekeeping(self) -> None:
         while True:

@@ -315,3 +315,28 @@ async def test_certificate_is_checked_against_the_mx_host_name_when_verification
             await daemon.stop()
         assert world.sinks["tls"].messages == []
         assert "SSL" in reply or "certificate" in reply.lower()
+
+
+async def test_a_delivery_slower_than_its_lease_is_not_reclaimed_and_sent_twice(db_url, tenants, pool, world, tmp_path):
+    # The server takes 4 s to answer the final dot; the lease is 3 s: the node renews the lease of what
+    # it has in flight, so its own reclaim task (every second) never hands the recipient out again.
+    from support.daemon import daemon_document, delivery_document
+
+    from mtad.app import Daemon
+    from mtad.config import parse_settings
+
+    world.sinks["mx-a"].behaviour = SinkBehaviour(stall_after_data_s=4.0)
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 2})
+    document = daemon_document(db_url, tmp_path / "state")
+    document["delivery"] = delivery_document(world, shaping, data_timeout="10s")
+    document["queue"] = {"lease": "3s", "reclaim_interval": "1s", "poll_interval": "200ms"}
+    daemon = Daemon(parse_settings(document, {}), None)
+    await daemon.start()
+    try:
+        await queue_messages(pool, [["slow@a.example"]])
+        assert await until(lambda: _delivered(pool, 1), timeout_s=20)
+        await asyncio.sleep(2)  # a second copy, if reclaimed, would arrive within this
+    finally:
+        await daemon.stop()
+    assert [rcpt for m in world.sinks["mx-a"].messages for rcpt in m.rcpt_tos] == ["slow@a.example"]
+    assert not await pool.fetchval("SELECT count(*) FROM events WHERE kind = 'reclaimed'")

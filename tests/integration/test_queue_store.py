@@ -142,6 +142,31 @@ async def test_release_gives_leases_back_without_counting_an_attempt(pool):
     assert again.recipient_id == claim.recipient_id and again.attempts == 0
 
 
+async def test_held_leases_are_extended_and_a_clean_stop_gives_back_all_of_an_owners_leases(pool):
+    store = QueueStore(pool)
+    tenant = await make_tenant(pool)
+    await store.insert_submission(submission(tenant, "Q1", ["a@x.example", "b@x.example"]))
+    await store.insert_submission(submission(tenant, "Q2", ["c@x.example"]))
+    claims = await store.claim("n", 10, 30, NOW)
+    held = [c.recipient_id for c in claims if c.address != "c@x.example"]
+    await store.extend_leases("n", held, NOW + timedelta(seconds=20), 30)
+    await store.extend_leases("someone-else", [c.recipient_id for c in claims], NOW + timedelta(seconds=20), 300)
+    assert await store.reclaim_expired(NOW + timedelta(seconds=31)) == 1  # c: not renewed
+    assert await store.release_owner("n", NOW + timedelta(seconds=32)) == 2  # a, b: renewed to 50 s
+    assert await states(pool) == {"a@x.example": "queued", "b@x.example": "queued", "c@x.example": "queued"}
+
+
+async def test_the_messages_of_a_batch_load_in_one_query(pool):
+    store = QueueStore(pool)
+    tenant = await make_tenant(pool)
+    await store.insert_submission(submission(tenant, "Q1", ["a@x.example"]))
+    await store.insert_submission(submission(tenant, "Q2", ["b@x.example"]))
+    ids = [c.message_id for c in await store.claim("n", 10, 30, NOW)]
+    loaded = await store.load_messages(ids + [999_999])  # one unknown: simply absent
+    assert sorted((m.id, m.queue_id) for m in loaded) == sorted(zip(ids, ["Q1", "Q2"]))
+    assert loaded[0].body == b"From: news@acme.example\r\n\r\nhello\r\n"
+
+
 async def test_an_expired_lease_is_reclaimed_and_claimed_by_another_node(pool):
     store = QueueStore(pool)
     tenant = await make_tenant(pool)
