@@ -8,7 +8,12 @@ from mtad.config import DatabaseSettings
 
 # jit off: the claim's anti-join (paused destinations) is estimated expensive at a million queued rows, which
 # makes PostgreSQL spend ~140 ms JIT-compiling a query that runs in 0.5 ms (benchmarks/claim.py).
-SERVER_SETTINGS = {"application_name": "mtad", "jit": "off"}
+# force_custom_plan: asyncpg prepares every statement; after five runs PostgreSQL may keep a generic plan, made
+# while the queue was small (a fresh database, before autovacuum's first ANALYZE) and blind to the length of
+# the arrays mtad passes. That plan stayed while the queue grew: in benchmarks/relay.py (20,000 messages)
+# PostgreSQL spent a whole core on outcome batches, 228 delivered/s and 5.75 CPU s per 1000 messages;
+# planning each execution costs far less: 366 delivered/s and 3.28 CPU s.
+SERVER_SETTINGS = {"application_name": "mtad", "jit": "off", "plan_cache_mode": "force_custom_plan"}
 
 # Raised while PostgreSQL is down, restarting, or the connection was cut: callers answer "try again later".
 # InternalClientError: asyncpg raises it ("cannot switch to state 12; another operation (2) is in progress")

@@ -151,7 +151,7 @@ class DeliveryRunner:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                await self.messages.prefetch({c.message_id for c in claims})
+                await self.messages.prefetch([c.message_id for c in claims])  # one per recipient: held
             except DATABASE_UNAVAILABLE:
                 pass  # each delivery loads its message itself
             await self._route(claims)
@@ -168,6 +168,8 @@ class DeliveryRunner:
         for domain, route in zip(domains, routes):
             if isinstance(route, RouteFailure):
                 failed += [self._outcome(c, route.reply) for c in by_domain[domain]]
+                for claim in by_domain[domain]:
+                    self.messages.release(claim.message_id)
                 continue
             shape = rules.shape_for(domain, route.host_names)
             self.scheduler.add(shape, route, by_domain[domain], time.monotonic())
@@ -194,6 +196,8 @@ class DeliveryRunner:
         handed = self.scheduler.take_unservable(now, max_hold_s=self.lease_s / 2)
         if not handed:
             return
+        for h in handed:
+            self.messages.release(h.claim.message_id)
         stale = [h.claim.recipient_id for h in handed if h.not_before is None]
         outcomes = []
         for h in handed:
@@ -268,6 +272,7 @@ class DeliveryRunner:
         except Exception:  # a bug must not leak the site's window slot; the leases expire and are reclaimed
             log.exception("delivery failed unexpectedly")
             self.scheduler.abandon(dispatch)
+            self.messages.release(dispatch.message_id, len(dispatch.claims))
             self._room.set()
             self._wake.set()
 
@@ -286,6 +291,7 @@ class DeliveryRunner:
         dispatch, dropped = await self._drop_suppressed(dispatch)
         if not dispatch.claims:
             self.scheduler.finish(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), held=dropped)
+            self.messages.release(dispatch.message_id, dropped)
             self._room.set()
             self._wake.set()
             return
@@ -293,6 +299,7 @@ class DeliveryRunner:
             message = await self.messages.get(dispatch.message_id)
         except DATABASE_UNAVAILABLE:
             self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=dropped)
+            self.messages.release(dispatch.message_id, dropped)
             self._wake.set()
             return
         if message is None:
@@ -305,12 +312,14 @@ class DeliveryRunner:
             except NoConnectionSlot:
                 CLUSTER_SLOT_WAITS.labels(dispatch.shape.provider or "other").inc()
                 self.scheduler.put_back(dispatch, Feedback.NO_SLOT, time.monotonic(), dropped=dropped)
+                self.messages.release(dispatch.message_id, dropped)
                 self._wake.set()
                 return
             except SessionFailure as failure:
                 feedback = Feedback.THROTTLED if failure.throttled else Feedback.SESSION_FAILED
                 SESSION_FAILURES.labels(dispatch.shape.provider or "other", feedback.value).inc()
                 self.scheduler.put_back(dispatch, feedback, time.monotonic(), str(failure), dropped=dropped)
+                self.messages.release(dispatch.message_id, dropped)
                 log_event(log, "delivery.session_failed", logging.WARNING, site=dispatch.site, error=str(failure))
                 if failure.throttled:
                     self.announce_throttle(dispatch.site, str(failure))
@@ -333,6 +342,7 @@ class DeliveryRunner:
             await self.pool.release(dispatch.shape, conn, reusable=False, max_open=0)
         else:
             self.scheduler.put_back(dispatch, Feedback.RECIPIENT_ONLY, time.monotonic(), dropped=dropped)
+            self.messages.release(dispatch.message_id, dropped)
             self._wake.set()
             return
         SUPPRESSED_BEFORE_ATTEMPT.inc(len(result.withdrawn))
@@ -358,6 +368,7 @@ class DeliveryRunner:
         else:
             feedback, error = Feedback.RECIPIENT_ONLY, None
         self.scheduler.finish(dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + dropped)
+        self.messages.release(dispatch.message_id, len(dispatch.claims) + dropped)
         self._room.set()
         self._wake.set()
 

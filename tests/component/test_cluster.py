@@ -19,7 +19,7 @@ import pytest
 
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import SinkBehaviour
-from support.daemon import DaemonProcess, delivering_process_document, write_config, write_shaping
+from support.daemon import DaemonProcess, delivering_process_document, until, write_config, write_shaping
 from support.queue import queue_messages
 
 pytestmark = pytest.mark.slow
@@ -52,14 +52,6 @@ def stop_nodes(nodes: list[DaemonProcess]) -> None:
     for node in nodes:
         node.kill()
 
-
-async def until(predicate, timeout_s: float, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := await predicate():
-            return value
-        await asyncio.sleep(interval_s)
-    return await predicate()
 
 
 async def all_final(pool, n: int) -> bool:

@@ -26,7 +26,14 @@ import pytest
 
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import SinkBehaviour
-from support.daemon import DaemonProcess, SubmissionLoad, delivering_process_document, write_config, write_shaping
+from support.daemon import (
+    DaemonProcess,
+    SubmissionLoad,
+    delivering_process_document,
+    until,
+    write_config,
+    write_shaping,
+)
 
 GOOD = ("a.example", "b.example", "c.example")
 REFUSED, LATER = "refuse.example", "later.example"
@@ -128,14 +135,6 @@ async def drained(pool) -> bool:
         LATER,
     )
 
-
-async def until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(interval_s)
-    return bool(await predicate())
 
 
 async def kill_and_restart(process: DaemonProcess, kill_times: list[float]) -> None:

@@ -29,6 +29,7 @@ from support.daemon import (
     SubmissionLoad,
     add_test_tenants,
     delivering_process_document,
+    until,
     write_config,
     write_shaping,
 )
@@ -98,14 +99,6 @@ def daemon_for(cluster, world, tmp_path, poll_interval: str) -> DaemonProcess:
 def running_port(process: DaemonProcess):
     return lambda: process.ports[0] if process.process is not None and process.process.poll() is None else None
 
-
-async def until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(interval_s)
-    return bool(await predicate())
 
 
 async def drained(admin) -> bool:

@@ -11,22 +11,13 @@ import pytest
 from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import SinkBehaviour
-from support.daemon import PASSWORD, start_delivering, write_shaping
+from support.daemon import PASSWORD, start_delivering, until, write_shaping
 from support.queue import queue_messages
 from support.smtp_client import RawSMTP
 
 async def states(pool) -> dict[str, int]:
     return {r["state"]: r["n"] for r in await pool.fetch("SELECT state, count(*) AS n FROM recipients GROUP BY state")}
 
-
-async def until(predicate, timeout_s: float = 30, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval_s)
-    return await predicate()
 
 
 @pytest.fixture

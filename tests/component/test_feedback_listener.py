@@ -9,8 +9,8 @@ import aiosmtplib
 import pytest
 
 from mtad.simulate.remote_world import RemoteWorld
-from support.daemon import PASSWORD, start_delivering, write_shaping
-from support.smtp_client import RawSMTP
+from support.daemon import start_delivering, write_shaping
+from support.smtp_client import submit_one
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bounces"
 BOUNCE_DOMAIN = "bounces.mtad.example"
@@ -19,16 +19,6 @@ OUT_OF_OFFICE = (
     b"Auto-Submitted: auto-replied\r\n\r\nIk ben tot maandag afwezig.\r\n"
 )
 
-
-async def submit(port: int, rcpt: str) -> None:
-    client, _ = await RawSMTP.open(port)
-    await client.authenticated("acme", PASSWORD)
-    await client.command("MAIL FROM:<news@acme.example>")
-    await client.command(f"RCPT TO:<{rcpt}>")
-    await client.command("DATA")
-    code, text = await client.command(b"From: news@acme.example\r\nSubject: offers\r\n\r\nbody\r\n.")
-    await client.close()
-    assert code == 250, text
 
 
 async def send_feedback(port: int, rcpt: str, data: bytes) -> tuple[int, str]:
@@ -70,7 +60,7 @@ async def test_bounces_complaints_and_auto_replies_are_understood(db_url, tenant
         feedback_port = daemon.feedback_servers[0].sockets[0].getsockname()[1]
         people = ["hard@a.example", "soft@a.example", "complain@a.example", "ooo@a.example"]
         for rcpt in people:
-            await submit(port, rcpt)
+            await submit_one(port, rcpt)
         messages = await world.sinks["mx"].wait_for_messages(4, timeout_s=20)
         verp = {m.rcpt_tos[0]: m.mail_from for m in messages}
         assert all(re.fullmatch(r"b-[a-z2-7]{39}@" + re.escape(BOUNCE_DOMAIN), v) for v in verp.values())
@@ -91,7 +81,7 @@ async def test_bounces_complaints_and_auto_replies_are_understood(db_url, tenant
             )
         }
         # the suppression applies to every class: a transactional message to the hard bounce is not sent
-        await submit(port, "hard@a.example")
+        await submit_one(port, "hard@a.example")
         state = await pool.fetchval(
             "SELECT state FROM recipients WHERE address = 'hard@a.example' ORDER BY id DESC LIMIT 1"
         )
@@ -114,7 +104,7 @@ async def test_mail_to_the_mailto_unsubscribe_address_unsubscribes(db_url, tenan
     try:
         port = daemon.listeners.servers[0].sockets[0].getsockname()[1]
         feedback_port = daemon.feedback_servers[0].sockets[0].getsockname()[1]
-        await submit(port, "leaver@a.example")
+        await submit_one(port, "leaver@a.example")
         (message,) = await world.sinks["mx"].wait_for_messages(1, timeout_s=20)
         mailto = re.search(rb"<mailto:(u-[a-z2-7]{39}@[^?>]+)", message.data).group(1).decode()
         code, _ = await send_feedback(

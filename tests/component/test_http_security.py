@@ -10,20 +10,16 @@ from __future__ import annotations
 import base64
 import re
 import secrets
-import time
-from datetime import datetime, timezone
 
 import aiohttp
 import pytest
 
-from mtad.model import EnvelopeRecipient, Submission
 from mtad.policy.feedback_token import BOUNCE, UNSUBSCRIBE, make_token
-from mtad.policy.queue_id import make_queue_id
-from mtad.queue.store import QueueStore
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import SinkBehaviour
-from support.daemon import PASSWORD, start_delivering, wait_for, write_shaping
-from support.smtp_client import RawSMTP
+from support.daemon import start_delivering, until, write_shaping
+from support.queue import queue_messages
+from support.smtp_client import RawSMTP, submit_one
 
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 ADDRESS = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
@@ -32,20 +28,7 @@ IPV4 = re.compile(r"(?<![\d.])(\d{1,3}\.){3}\d{1,3}(?![\d.])")
 
 async def queue_for(pool, tenant: str, address: str, list_id: str = "offers") -> int:
     """A queued marketing message of `tenant` to `address`; returns the recipient id."""
-    tenant_id = await pool.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
-    queue_id = make_queue_id(int(time.time() * 1000), secrets.randbits(32))
-    await QueueStore(pool).insert_submission(
-        Submission(
-            queue_id=queue_id,
-            tenant_id=tenant_id,
-            mail_from=f"news@{tenant}.example",
-            recipients=(EnvelopeRecipient(address, address.split("@")[1]),),
-            body=f"From: news@{tenant}.example\r\nSubject: offers\r\n\r\nhi\r\n".encode(),
-            client_ip="127.0.0.0",
-            received_at=datetime.now(timezone.utc),
-            list_id=list_id,
-        )
-    )
+    (queue_id,) = await queue_messages(pool, [[address]], tenant=tenant, list_id=list_id)
     return await pool.fetchval(
         "SELECT r.id FROM recipients r JOIN messages m ON m.id = r.message_id WHERE m.queue_id = $1", queue_id
     )
@@ -174,16 +157,6 @@ async def test_unknown_paths_get_404_and_wrong_methods_405(daemon):
                 assert response.status == 405, (method, path)
 
 
-async def submit(port: int, rcpt: str) -> None:
-    client, _ = await RawSMTP.open(port)
-    await client.authenticated("acme", PASSWORD)
-    await client.command("MAIL FROM:<news@acme.example>")
-    await client.command(f"RCPT TO:<{rcpt}>")
-    await client.command("DATA")
-    code, text = await client.command(b"From: news@acme.example\r\nSubject: offers\r\n\r\nbody\r\n.")
-    await client.close()
-    assert code == 250, text
-
 
 async def test_metrics_and_health_pages_give_away_no_address_or_ip_after_traffic(db_url, tenants, pool, tmp_path):
     async with RemoteWorld(["mx", "bad"]) as world:
@@ -194,10 +167,10 @@ async def test_metrics_and_health_pages_give_away_no_address_or_ip_after_traffic
         try:
             port = daemon.listeners.servers[0].sockets[0].getsockname()[1]
             for rcpt in ("alice@a.example", "bob@a.example", "carol@b.example"):
-                await submit(port, rcpt)
+                await submit_one(port, rcpt)
             idle, _ = await RawSMTP.open(port)  # and a client that only connects
             await idle.close()
-            assert await wait_for(
+            assert await until(
                 lambda: pool.fetchval("SELECT count(*) = 3 FROM recipients WHERE state IN ('delivered', 'bounced')"),
                 timeout_s=30,
             )

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import pytest
 
-from mtad.model import EnvelopeRecipient, Reply, Submission
+from mtad.model import Reply
 from mtad.policy.feedback_token import UNSUBSCRIBE, make_token
-from mtad.policy.queue_id import make_queue_id
 from mtad.queue.store import QueueStore
 from support.daemon import PASSWORD, daemon_document, ports_of, write_config
+from support.queue import queue_messages
 from support.smtp_client import RawSMTP
 
 SHARED = ("alice@people.example", "bob@people.example")
@@ -38,20 +36,7 @@ def config(db_url, tmp_path):
 
 
 async def queue_for(pool, tenant: str, addresses=SHARED, list_id: str = "offers") -> str:
-    tenant_id = await pool.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
-    queue_id = make_queue_id(int(time.time() * 1000), secrets.randbits(32))
-    await QueueStore(pool).insert_submission(
-        Submission(
-            queue_id=queue_id,
-            tenant_id=tenant_id,
-            mail_from=f"news@{tenant}.example",
-            recipients=tuple(EnvelopeRecipient(a, a.split("@")[1]) for a in addresses),
-            body=f"From: news@{tenant}.example\r\nSubject: offers\r\n\r\nhi\r\n".encode(),
-            client_ip="127.0.0.0",
-            received_at=datetime.now(timezone.utc),
-            list_id=list_id,
-        )
-    )
+    (queue_id,) = await queue_messages(pool, [list(addresses)], tenant=tenant, list_id=list_id)
     return queue_id
 
 

@@ -14,7 +14,7 @@ from mtad.policy.feedback_token import UNSUBSCRIBE, make_token
 from mtad.queue.controls import QueueControls
 from mtad.sign.keys import dns_record_name, dns_record_value, generate_private_key, write_key
 from mtad.simulate.remote_world import RemoteWorld
-from support.daemon import PASSWORD, start_delivering, write_shaping
+from support.daemon import PASSWORD, start_delivering, until, write_shaping
 from support.smtp_client import RawSMTP
 
 BOUNCE_DOMAIN = "bounces.mtad.example"
@@ -42,14 +42,6 @@ def unsubscribe_url(data: bytes) -> str:
     header = re.search(rb"^List-Unsubscribe: (.*)$", data, re.MULTILINE).group(1).decode()
     return re.search(r"<(http[^>]+)>", header).group(1)
 
-
-async def until(predicate, timeout_s: float = 20, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := await predicate():
-            return value
-        await asyncio.sleep(interval_s)
-    return await predicate()
 
 
 async def test_one_click_unsubscribe_stops_marketing_but_not_transactional_mail(db_url, tenants, pool, tmp_path):

@@ -126,7 +126,8 @@ class DaemonProcess:
             self.process.wait(10)
 
 
-async def wait_for(predicate, timeout_s: float = 15, interval_s: float = 0.05):
+async def until(predicate, timeout_s: float = 30, interval_s: float = 0.1):
+    """Await `predicate()` until it gives a true value (returned) or `timeout_s` passed (its last value)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = await predicate()

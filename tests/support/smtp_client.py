@@ -69,3 +69,17 @@ class RawSMTP:
             await self.writer.wait_closed()
         except (ConnectionError, ssl.SSLError):
             pass
+
+
+async def submit_one(port: int, rcpt: str, user: str = "acme", password: str | None = None) -> None:
+    """One marketing message from news@acme.example to `rcpt` over STARTTLS + AUTH; asserts the 250."""
+    from support.daemon import PASSWORD  # the test tenants' password
+
+    client, _ = await RawSMTP.open(port)
+    await client.authenticated(user, password or PASSWORD)
+    await client.command("MAIL FROM:<news@acme.example>")
+    await client.command(f"RCPT TO:<{rcpt}>")
+    await client.command("DATA")
+    code, text = await client.command(b"From: news@acme.example\r\nSubject: offers\r\n\r\nbody\r\n.")
+    await client.close()
+    assert code == 250, text
