@@ -189,3 +189,40 @@ async def test_database_down_gives_451_and_nothing_is_half_written(tmp_path):
             await daemon.stop()
     finally:
         cluster.stop("immediate")
+
+
+async def test_a_database_too_slow_to_store_gets_451_within_the_command_timeout_and_nothing_half_written(
+    db_url, tenants, pool, tmp_path
+):
+    # Another session holds the queue tables locked: PostgreSQL is up but cannot store anything in time.
+    from mtad.app import Daemon
+    from mtad.config import parse_settings
+
+    document = daemon_document(db_url, tmp_path / "state")
+    document["database"] = {**document["database"], "command_timeout": "1s"}
+    daemon = Daemon(parse_settings(document, {}), None)
+    await daemon.start()
+    try:
+        port, _ = ports_of(daemon)
+        client, _ = await RawSMTP.open(port)
+        await client.authenticated("acme", PASSWORD)
+        async with pool.acquire() as locker, locker.transaction():
+            await locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            await client.command("MAIL FROM:<news@acme.example>")
+            await client.command("RCPT TO:<slow@example.net>")
+            assert (await client.command("DATA"))[0] == 354
+            started = asyncio.get_running_loop().time()
+            code, text = await client.command(MESSAGE + b".")
+            waited = asyncio.get_running_loop().time() - started
+        assert (code, text[4:9]) == (451, "4.3.0"), text  # never a 250 for mail that is not stored
+        assert waited < 10  # bounded by database.command_timeout, not by the lock
+        assert await pool.fetchval("SELECT count(*) FROM messages") == 0
+        assert await pool.fetchval("SELECT count(*) FROM recipients") == 0
+        await client.command("MAIL FROM:<news@acme.example>")  # the lock is gone: the same session stores
+        await client.command("RCPT TO:<slow@example.net>")
+        await client.command("DATA")
+        code, text = await client.command(MESSAGE + b".")
+        assert code == 250, text
+        await client.close()
+    finally:
+        await daemon.stop()
