@@ -109,15 +109,18 @@ def database_url(settings: Settings) -> str:
 
 
 async def prepare_database(settings: Settings) -> EmbeddedPostgres | None:
-    """Start the embedded cluster when the config uses one and bring the schema up to date (for a supervisor
-    whose workers then find both ready). Returns the cluster if this call started it."""
+    """Start the embedded cluster when the config uses one and bring the schema up to date (a daemon before
+    its pool; a supervisor before its workers, which then find both ready). Returns the cluster if this call
+    started it."""
     cluster = embedded_cluster(settings)
     started = cluster if cluster is not None and await asyncio.to_thread(cluster.start) else None
     try:
         conn = await connect(cluster.url() if cluster else settings.database.url, settings.database)
         try:
             if settings.database.auto_migrate:
-                await migrate(conn)
+                applied = await migrate(conn)
+                if applied:
+                    log_event(log, "schema.migrated", versions=[m.version for m in applied])
             await check_schema(conn)
         finally:
             await conn.close()
@@ -195,17 +198,9 @@ class Daemon:
         log_event(log, "daemon.ready", listening=[f"{h}:{p}" for h, p in self.listeners.bound_addresses])
 
     async def _open_database(self, settings: Settings) -> tuple[QueueStore, str]:
-        cluster = embedded_cluster(settings)
-        if cluster is not None and await asyncio.to_thread(cluster.start):
-            self._cluster_started = cluster
-        url = cluster.url() if cluster else settings.database.url
+        self._cluster_started = await prepare_database(settings)
+        url = database_url(settings)
         self.pool = await create_pool(url, settings.database)
-        async with self.pool.acquire() as conn:
-            if settings.database.auto_migrate:
-                applied = await migrate(conn)
-                if applied:
-                    log_event(log, "schema.migrated", versions=[m.version for m in applied])
-            await check_schema(conn)
         return QueueStore(self.pool), url
 
     async def _start_http(self, settings: Settings) -> None:
