@@ -79,10 +79,14 @@ class Supervisor:
             loop.add_signal_handler(signum, self._stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._send(signal.SIGHUP))
         notify = self._listen_for_notifications(loop)
+        interval = systemd.watchdog_interval_s()
+        watchdog = loop.create_task(self._watchdog(interval)) if interval else None
         try:
             keepers = [asyncio.create_task(self._keep_running(k)) for k in range(self.workers)]
             await asyncio.gather(*keepers)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             loop.remove_reader(notify.fileno())
             notify.close()
             os.unlink(self._notify_path)
@@ -132,9 +136,6 @@ class Supervisor:
         sock.bind(self._notify_path)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._read_notification, sock)
-        interval = systemd.watchdog_interval_s()
-        if interval:
-            loop.create_task(self._watchdog(interval))
         return sock
 
     def _read_notification(self, sock: socket.socket) -> None:

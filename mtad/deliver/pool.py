@@ -22,10 +22,6 @@ from mtad.policy.rate import TokenBucket
 from mtad.policy.shaping import SiteShape
 
 
-def _count(pairs: list[tuple[str, OutboundConnection]], site: str) -> int:
-    return sum(1 for s, _ in pairs if s == site)
-
-
 class NoConnectionSlot(Exception):
     """Every cluster-wide slot of the site is held (by this node or others): try again shortly."""
 
@@ -114,10 +110,12 @@ class ConnectionPool:
         each (closing idle ones now, busy ones when their transaction ends) until they stop asking."""
         self._fair_share = dict(wanted)
         surplus = []
+        open_after = {site: self._open_per_site[site] for site in wanted}
         for key in list(self._idle):
             site, conns = key[0], self._idle[key]
-            while conns and site in wanted and self._open_per_site[site] - _count(surplus, site) > wanted[site]:
+            while conns and site in wanted and open_after[site] > wanted[site]:
                 surplus.append((site, conns.pop()))
+                open_after[site] -= 1
             if not conns:
                 del self._idle[key]
         await self._close_detached(surplus)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import re
 import select
 import socket
@@ -28,7 +27,7 @@ from mtad.config import DeliverySettings
 from mtad.deliver.connection import Timeouts
 from mtad.simulate.remote_world import RemoteWorld
 from mtad.simulate.smtp_sink import GARBAGE_REPLY, SessionSpan, SinkBehaviour, SmtpSink
-from support.daemon import start_delivering, write_shaping
+from support.daemon import start_delivering, until, write_shaping
 from support.queue import queue_messages
 
 CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, DATA_TIMEOUT_S = 1.0, 3.0, 5.0  # distinct, so a stall's length names its timer
@@ -36,6 +35,11 @@ STALL_S = 120.0  # longer than every timeout and every wait here: only the daemo
 HEALTHY_MESSAGES = 10
 FAULTY_MESSAGES = [["f1@faulty.example"], ["f2@faulty.example", "f3@faulty.example"], ["f4@faulty.example"]]
 FAULTY_RECIPIENTS = sorted(address for message in FAULTY_MESSAGES for address in message)
+# The daemon's [delivery] in every case: the distinct timeouts, and retries a second apart.
+DELIVERY = dict(
+    connect_timeout=f"{CONNECT_TIMEOUT_S:g}s", command_timeout=f"{COMMAND_TIMEOUT_S:g}s",
+    data_timeout=f"{DATA_TIMEOUT_S:g}s", minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0,
+)
 WAIT_S = 45.0  # bound of every wait; generous for a loaded 2-core machine, never reached when things work
 
 
@@ -132,20 +136,19 @@ async def test_a_remote_fault_is_deferred_with_its_reason_then_retried_and_never
         await queue_messages(pool, FAULTY_MESSAGES)
         daemon = await start_delivering(
             db_url, tmp_path / "state", world, shaping,
-            connect_timeout=f"{CONNECT_TIMEOUT_S:g}s", command_timeout=f"{COMMAND_TIMEOUT_S:g}s",
-            data_timeout=f"{DATA_TIMEOUT_S:g}s",
-            minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0,
+            **DELIVERY,
         )
         try:
             if fault.stall:  # the healthy mail comes while a faulty session hangs, and must not wait for it
-                assert await _until(lambda: _stalled(faulty, fault.stall)), "the faulty site was never tried"
+                stalled = await until(lambda: _stalled(faulty, fault.stall), timeout_s=WAIT_S)
+                assert stalled, "the faulty site was never tried"
             await queue_messages(pool, [[f"h{n}@healthy.example"] for n in range(HEALTHY_MESSAGES)])
             await healthy.wait_for_messages(HEALTHY_MESSAGES, timeout_s=WAIT_S)
             assert faulty.messages == []  # still stuck while the healthy site got everything
             if fault.stall:
                 _assert_some_arrived_during_a_stall(healthy, faulty, fault.stall)
 
-            deferrals = await _until(lambda: _deferral_replies(pool))
+            deferrals = await until(lambda: _deferral_replies(pool), timeout_s=WAIT_S)
             assert sorted(deferrals) == FAULTY_RECIPIENTS, f"not every faulty recipient deferred: {deferrals}"
             for address, replies in deferrals.items():
                 for attempted, reply in replies:
@@ -159,7 +162,7 @@ async def test_a_remote_fault_is_deferred_with_its_reason_then_retried_and_never
                 _assert_stall_ended_by_its_timeout(faulty.session_spans, fault.stall)
 
             faulty.behaviour = fault.cleared()
-            finished = await _until(lambda: _all_final(pool), timeout_s=WAIT_S)
+            finished = await until(lambda: _all_final(pool), timeout_s=WAIT_S)
             assert finished, f"faulty recipients not finished after the fault was cleared: {await _faulty_rows(pool)}"
             await asyncio.sleep(0.5)  # a duplicate would show up here: an attempt still in flight
         finally:
@@ -189,14 +192,12 @@ async def test_an_unanswered_tcp_handshake_is_bounded_by_connect_timeout_and_ret
             await queue_messages(pool, FAULTY_MESSAGES)
             daemon = await start_delivering(
                 db_url, tmp_path / "state", world, shaping,
-                connect_timeout=f"{CONNECT_TIMEOUT_S:g}s", command_timeout=f"{COMMAND_TIMEOUT_S:g}s",
-                data_timeout=f"{DATA_TIMEOUT_S:g}s",
-                minimal_backoff_time="1s", maximal_backoff_time="1s", retry_jitter=0,
+                **DELIVERY,
             )
             try:
                 await queue_messages(pool, [[f"h{n}@healthy.example"] for n in range(HEALTHY_MESSAGES)])
                 await healthy.wait_for_messages(HEALTHY_MESSAGES, timeout_s=WAIT_S)
-                deferrals = await _until(lambda: _deferral_replies(pool))
+                deferrals = await until(lambda: _deferral_replies(pool), timeout_s=WAIT_S)
             except BaseException:
                 await daemon.stop()
                 raise
@@ -206,7 +207,7 @@ async def test_an_unanswered_tcp_handshake_is_bounded_by_connect_timeout_and_ret
                 for _, reply in replies:
                     assert re.search(r"connect: no answer within 1s \(connect_timeout\)", reply), replies
             await faulty.start()  # the host answers again, on the same address and port
-            assert await _until(lambda: _all_final(pool), timeout_s=WAIT_S), await _faulty_rows(pool)
+            assert await until(lambda: _all_final(pool), timeout_s=WAIT_S), await _faulty_rows(pool)
             await asyncio.sleep(0.5)  # a duplicate would show up here: an attempt still in flight
         finally:
             await daemon.stop()
@@ -251,18 +252,6 @@ def _reason(fault: Fault, attempted: bool) -> str:
     if fault.in_transaction and not attempted:
         return f"{fault.reason}|(^451 4\\.4\\.1 |^)connection lost$"
     return fault.reason
-
-
-async def _until(predicate, timeout_s: float = WAIT_S, interval_s: float = 0.05):
-    """Poll a plain or async predicate until it is truthy or the time is up; its last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(interval_s)
 
 
 def _stalled(sink: SmtpSink, stall: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -127,10 +128,13 @@ class DaemonProcess:
 
 
 async def until(predicate, timeout_s: float = 30, interval_s: float = 0.1):
-    """Await `predicate()` until it gives a true value (returned) or `timeout_s` passed (its last value)."""
+    """Call `predicate()` (plain or async) until it gives a true value (returned) or `timeout_s` passed
+    (its last value)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        result = await predicate()
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
         if result or asyncio.get_running_loop().time() > deadline:
             return result
         await asyncio.sleep(interval_s)
