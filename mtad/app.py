@@ -55,6 +55,7 @@ from mtad.policy.log_privacy import LogPrivacy
 from mtad.policy.shaping import ShapingRules, parse_shaping
 from mtad.queue.claimer import Claimer
 from mtad.queue.outcome_writer import OutcomeWriter
+from mtad.queue.group_commit import GroupCommit
 from mtad.queue.store import QueueStore
 from mtad.queue.wakeup import ArrivalSignal, QueueWakeup
 from mtad.schedule.runner import DeliveryRunner
@@ -225,7 +226,7 @@ class Daemon:
         self.handler = SubmissionHandler(
             settings=settings.submission,
             hostname=settings.hostname,
-            store=store,
+            store=GroupCommit(store),
             verifier=self.verifier,
             on_queued=arrivals.queued,
             privacy=self.privacy,

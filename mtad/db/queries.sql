@@ -1,36 +1,39 @@
 -- Named queries, loaded by mtad.db.queries: a block starts with `-- name --`, then a one-line why, then SQL.
 -- The name is the method of the store that runs it.
 
--- insert_submission --
--- The message and all its recipients in one statement, hence one transaction: all stored or nothing.
+-- insert_submissions --
+-- Several messages (those that arrived together: group commit) and all their recipients in one statement,
+-- hence one transaction: all stored or nothing. Recipients name their message by queue id.
 -- A recipient suppressed for this tenant (unsubscribed marketing, hard bounce, complaint) is stored as
 -- 'suppressed' and never attempted; the statement returns those addresses with the reason.
 WITH message AS (
     INSERT INTO messages (queue_id, tenant_id, mail_from, size_bytes, smtputf8, client_ip, received_at, body, class,
                           list_id)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $11, $12)
-    RETURNING id, tenant_id, received_at, class, list_id
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::integer[], $5::boolean[], $6::text[],
+                         $7::timestamptz[], $8::bytea[], $9::text[], $10::text[])
+    RETURNING id, queue_id, tenant_id, received_at, class, list_id
 ), incoming AS (
-    SELECT r.address, r.domain,
-           (SELECT s.reason FROM suppressions AS s, message AS m
+    SELECT m.id AS message_id, m.queue_id, m.tenant_id, m.received_at, r.address, r.domain,
+           (SELECT s.reason FROM suppressions AS s
             WHERE s.tenant_id = m.tenant_id AND s.address = lower(r.address)
               AND (s.reason <> 'unsubscribed' OR (m.class = 'marketing' AND s.list_id IN ('', m.list_id)))
             ORDER BY s.reason LIMIT 1) AS suppressed_because
-    FROM unnest($9::text[], $10::text[]) AS r (address, domain)
+    FROM unnest($11::text[], $12::text[], $13::text[]) AS r (queue_id, address, domain)
+    JOIN message AS m ON m.queue_id = r.queue_id
 ), stored AS (
     INSERT INTO recipients (message_id, tenant_id, address, domain, state, queued_at, next_attempt_at, updated_at)
-    SELECT message.id, message.tenant_id, i.address, i.domain,
+    SELECT i.message_id, i.tenant_id, i.address, i.domain,
            CASE WHEN i.suppressed_because IS NULL THEN 'queued' ELSE 'suppressed' END,
-           message.received_at, message.received_at, message.received_at
-    FROM message, incoming AS i
+           i.received_at, i.received_at, i.received_at
+    FROM incoming AS i
     RETURNING id, message_id, tenant_id, address, state
 ), suppressed_events AS (
     INSERT INTO events (at, kind, tenant_id, message_id, recipient_id, reply)
-    SELECT $7, 'suppressed', s.tenant_id, s.message_id, s.id, 'suppressed: ' || i.suppressed_because
-    FROM stored AS s JOIN incoming AS i ON i.address = s.address
+    SELECT i.received_at, 'suppressed', s.tenant_id, s.message_id, s.id, 'suppressed: ' || i.suppressed_because
+    FROM stored AS s JOIN incoming AS i ON i.message_id = s.message_id AND i.address = s.address
     WHERE s.state = 'suppressed'
 )
-SELECT i.address, i.suppressed_because FROM incoming AS i WHERE i.suppressed_because IS NOT NULL;
+SELECT i.queue_id, i.address, i.suppressed_because FROM incoming AS i WHERE i.suppressed_because IS NOT NULL;
 
 -- claim_due --
 -- Lease a batch of due recipients; SKIP LOCKED lets several claimers (and nodes) share the queue.

@@ -2,8 +2,9 @@
 
 AUTH (PLAIN, LOGIN) is done here rather than by aiosmtpd's synchronous authenticator because checking a
 tenant needs the database and argon2, both awaited. A failed login is rate-limited per client address.
-The message and all its recipients are stored in one transaction before the 250; when the database cannot
-be reached the client gets 451 4.3.0 and keeps the message.
+The message and all its recipients are stored in one transaction before the 250 (shared with the messages
+other sessions submitted at the same moment: `mtad.queue.group_commit`); when the database cannot be reached
+the client gets 451 4.3.0 and keeps the message.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mtad.policy.login_throttle import LoginThrottle
 from mtad.policy.message_class import classify_message, strip_owned_headers
 from mtad.policy.message_text import from_addresses, header_fields, normalize_line_endings, split_message, trace_headers
 from mtad.policy.queue_id import make_queue_id
-from mtad.queue.store import QueueStore
+from mtad.queue.group_commit import GroupCommit
 
 log = logging.getLogger("mtad.ingest")
 
@@ -60,7 +61,7 @@ class SubmissionHandler:
         *,
         settings: SubmissionSettings,
         hostname: str,
-        store: QueueStore,
+        store: GroupCommit,
         verifier: CredentialVerifier,
         wall_clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
@@ -177,7 +178,7 @@ class SubmissionHandler:
             list_id=kind.list_id,
         )
         try:
-            suppressed = await self.store.insert_submission(submission)
+            suppressed = await self.store.store(submission)
         except DATABASE_UNAVAILABLE as exc:
             log_event(log, "submission.store_failed", tenant=session.tenant.name, error=type(exc).__name__)
             SUBMISSIONS.labels(session.tenant.name, "failed").inc()

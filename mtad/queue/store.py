@@ -63,22 +63,30 @@ class QueueStore:
 
     async def insert_submission(self, submission: Submission) -> dict[str, str]:
         """Store the message; returns the recipients stored as suppressed, with the reason."""
+        return (await self.insert_submissions([submission]))[0]
+
+    async def insert_submissions(self, submissions: Sequence[Submission]) -> list[dict[str, str]]:
+        """Store the messages together (all or none); per message, the recipients stored as suppressed."""
         rows = await self._pool.fetch(
-            self._sql["insert_submission"],
-            submission.queue_id,
-            submission.tenant_id,
-            submission.mail_from,
-            len(submission.body),
-            submission.smtputf8,
-            submission.client_ip,
-            submission.received_at,
-            submission.body,
-            [r.address for r in submission.recipients],
-            [r.domain for r in submission.recipients],
-            submission.message_class.value,
-            submission.list_id,
+            self._sql["insert_submissions"],
+            [s.queue_id for s in submissions],
+            [s.tenant_id for s in submissions],
+            [s.mail_from for s in submissions],
+            [len(s.body) for s in submissions],
+            [s.smtputf8 for s in submissions],
+            [s.client_ip for s in submissions],
+            [s.received_at for s in submissions],
+            [s.body for s in submissions],
+            [s.message_class.value for s in submissions],
+            [s.list_id for s in submissions],
+            [s.queue_id for s in submissions for _ in s.recipients],
+            [r.address for s in submissions for r in s.recipients],
+            [r.domain for s in submissions for r in s.recipients],
         )
-        return {row["address"]: row["suppressed_because"] for row in rows}
+        suppressed: dict[str, dict[str, str]] = {s.queue_id: {} for s in submissions}
+        for row in rows:
+            suppressed[row["queue_id"]][row["address"]] = row["suppressed_because"]
+        return [suppressed[s.queue_id] for s in submissions]
 
     async def claim(self, owner: str, limit: int, lease_s: float, now: datetime) -> list[Claim]:
         rows = await self._pool.fetch(self._sql["claim_due"], now, limit, owner, lease_s)
