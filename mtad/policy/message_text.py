@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import re
 from datetime import datetime
+from functools import lru_cache
 
 _ANY_LINE_END = re.compile(rb"\r\n|\r|\n")
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
@@ -55,8 +56,13 @@ def from_addresses(fields: list[tuple[str, str]]) -> list[str] | None:
     values = [value for name, value in fields if name == "from"]
     if len(values) != 1:
         return None
-    addresses = [addr for _, addr in email.utils.getaddresses(values) if addr]
-    return addresses or None
+    addresses = _addr_specs(values[0])
+    return list(addresses) or None
+
+
+@lru_cache(maxsize=1024)  # a campaign's From field is the same in every message: parse it once
+def _addr_specs(value: str) -> tuple[str, ...]:
+    return tuple(addr for _, addr in email.utils.getaddresses([value]) if addr)
 
 
 def trace_headers(
