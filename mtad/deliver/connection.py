@@ -1,4 +1,4 @@
-"""Outbound SMTP connections (aiosmtplib): open, EHLO, STARTTLS, one transaction, reuse.
+"""Outbound SMTP connections: open, EHLO, STARTTLS (with aiosmtplib), then an `SmtpSession` for transactions.
 
 A connection is opened to the first MX address that answers, in preference order. STARTTLS is used whenever
 offered (opportunistic), required when the shape says `tls = "required"`, and the certificate is checked
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from mtad.deliver.smtp_session import SmtpSession
 from mtad.model import MxHost, Reply, Route
 from mtad.policy.shaping import ShapeLimits
 
@@ -53,7 +54,8 @@ class SessionFailure(Exception):
 
 @dataclass
 class OutboundConnection:
-    client: aiosmtplib.SMTP
+    session: SmtpSession
+    extensions: frozenset[str]  # the EHLO keywords, lower case (after STARTTLS: the second EHLO's)
     mx: MxHost
     address: str
     tls_version: str | None
@@ -66,14 +68,13 @@ class OutboundConnection:
 
     @property
     def is_usable(self) -> bool:
-        return self.client.is_connected
+        return self.session.is_open
 
     async def close(self) -> None:
-        try:
-            if self.client.is_connected:
-                await asyncio.wait_for(self.client.quit(), 5)
-        except CONNECTION_ERRORS:
-            self.client.close()
+        if self.session.is_open:
+            await self.session.quit(timeout_s=5)
+        else:
+            self.session.close()
 
 
 def is_smtp_reply_code(code: int) -> bool:
@@ -134,6 +135,8 @@ async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_conte
             await client.starttls(server_hostname=mx.name, tls_context=context)
             ssl_object = client.get_transport_info("ssl_object")
             tls_version = ssl_object.version() if ssl_object else "TLS"
+            stage = "EHLO"
+            await client.ehlo()  # RFC 3207 4.2: what the server offers is known again only after a new EHLO
         elif limits.tls == "required":
             raise SessionFailure(Reply(451, "4.7.5", f"{mx.name} does not offer STARTTLS and TLS is required"))
     except SessionFailure:
@@ -151,7 +154,9 @@ async def _open_one(mx, address, port, limits, ehlo_name, timeouts, verify_conte
         client.close()
         raise SessionFailure(Reply(451, "4.4.2", f"{where}: {stage}: {type(exc).__name__}: {exc}"[:300])) from None
     now = time.monotonic()
-    return OutboundConnection(client, mx, address, tls_version, now, now)
+    extensions = frozenset(client.esmtp_extensions)
+    session = SmtpSession.take_over(client.transport, bytes(client.protocol._buffer))  # unread: none, normally
+    return OutboundConnection(session, extensions, mx, address, tls_version, now, now)
 
 
 async def _tcp_connect(where: str, address: str, port: int, timeout_s: float) -> socket.socket:

@@ -90,6 +90,7 @@ class SinkBehaviour:
     close_after_greeting: bool = False  # send the 220 greeting, then close
     hang_up_at_rset: bool = False  # answer RSET with 421 and close (an idle timeout racing the client's probe)
     greylist: bool = False  # 450 4.2.0 on the first RCPT of each recipient address, accepted from then on
+    pipelining: bool = True  # advertise PIPELINING (RFC 2920), as every large provider does
 
 
 @dataclass
@@ -184,6 +185,14 @@ class _SinkHandler:
 
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
+
+    async def handle_EHLO(
+        self, server: _SinkSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._sink.behaviour.pipelining:  # aiosmtpd reads commands in order, so it copes with pipelining
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: _SinkSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
