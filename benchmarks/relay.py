@@ -31,7 +31,7 @@ so neither MTA gets it). The run ends when the sink has every accepted message o
 Per run: accepted/s, delivered/s end to end (N / (last arrival - first injection)), latency p50/p95/p99
 (arrival - X-Bench-Sent), CPU seconds per 1,000 messages of the MTA (mtad: daemon + postmaster and its
 children; Postfix: master and its children, reaped ones included through cutime/cstime), peak RSS of the MTA's
-process tree (sum of PSS over the roots and their children, sampled every 0.25 s: shared pages are split
+process tree (sum of PSS over the roots and their children, sampled every second: shared pages are split
 among the processes sharing them, not counted once per process). Then the ratio mtad/Postfix pair by pair and
 the median. The injector's and the sink's own CPU (per 1,000 messages, and as cores busy) are reported too, to
 show how much of the machine the harness took. Results: `--out` (default benchmarks/results/)
@@ -188,10 +188,11 @@ def children_by_parent() -> dict[int, list[int]]:
 
 
 class RssSampler:
-    """Peak of the summed PSS of some root processes and their direct children, sampled every 0.25 s.
+    """Peak of the summed PSS of some root processes and their direct children, sampled every second.
 
     It runs in the benchmark's process, so its CPU counts as the injector's: reading smaps_rollup makes the
-    kernel walk each process's page tables (~1 ms per process here), about 0.05 of a core. `cpu_seconds` is
+    kernel walk each process's page tables (~1 ms per process here); four samples a second were a third of
+    the harness's CPU, so one. `cpu_seconds` is
     its own share (the thread's CPU time), reported apart so the injector's cost can be told from it."""
 
     def __init__(self, roots: list[int]) -> None:
@@ -201,7 +202,7 @@ class RssSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(1.0):
             children = children_by_parent()  # one /proc pass for all roots, not one per root
             pids = set(self.roots)
             for root in self.roots:
