@@ -54,8 +54,8 @@ from mtad.deliver.resolver import RouteResolver, parse_static_routes
 from mtad.policy.log_privacy import LogPrivacy
 from mtad.policy.shaping import ShapingRules, parse_shaping
 from mtad.queue.claimer import Claimer
-from mtad.queue.outcome_writer import OutcomeWriter
 from mtad.queue.group_commit import GroupCommit
+from mtad.queue.outcome_writer import OutcomeWriter
 from mtad.queue.store import QueueStore
 from mtad.queue.wakeup import ArrivalSignal, QueueWakeup
 from mtad.schedule.runner import DeliveryRunner
