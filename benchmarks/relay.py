@@ -192,8 +192,9 @@ class RssSampler:
 
     It runs in the benchmark's process, so its CPU counts as the injector's: reading smaps_rollup makes the
     kernel walk each process's page tables (~1 ms per process here); four samples a second were a third of
-    the harness's CPU, so one. `cpu_seconds` is
-    its own share (the thread's CPU time), reported apart so the injector's cost can be told from it."""
+    the harness's CPU, so one, plus one at the start and one at the stop (a short run may last less than a
+    second). `cpu_seconds` is its own share (the thread's CPU time), reported apart so the injector's cost
+    can be told from it."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots, self.peak_kb, self.cpu_seconds = roots, 0, 0.0
@@ -202,17 +203,21 @@ class RssSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(1.0):
+        while True:
+            stopping = self._stop.is_set()
             children = children_by_parent()  # one /proc pass for all roots, not one per root
             pids = set(self.roots)
             for root in self.roots:
                 pids.update(children.get(root, ()))
             self.peak_kb = max(self.peak_kb, sum(pss_kb(pid) for pid in pids))
             self.cpu_seconds = time.thread_time()
+            if stopping:
+                break
+            self._stop.wait(1.0)
 
     def stop(self) -> float:
         self._stop.set()
-        self._thread.join(2)
+        self._thread.join(5)
         return round(self.peak_kb / 1024, 1)
 
 
