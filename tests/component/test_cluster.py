@@ -177,7 +177,9 @@ async def test_a_throttle_met_by_one_node_slows_the_others(db_url, tenants, pool
         {"connection_limit": 6, "initial_destination_concurrency": 6, "backoff_for": "30s"},
     )
     sink = world.sinks["mx-a"]
-    sink.behaviour = SinkBehaviour(stall_after_data_s=0.02, reply_421_after_messages=50)
+    # 421 after 20 messages on a connection: nodes that share the site's 6 slots close and reopen connections
+    # (fair shares), and a connection must live long enough to meet its 421.
+    sink.behaviour = SinkBehaviour(stall_after_data_s=0.02, reply_421_after_messages=20)
     # Small claims and plenty of mail: both nodes hold mail for the site while the 421s come.
     nodes = [
         node_config(tmp_path, db_url, world, shaping, f"node{k}", {"status_interval": "300ms"}, claim_batch_size=20)
