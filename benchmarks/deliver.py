@@ -206,7 +206,8 @@ def sized_body(size: int) -> bytes:
 
 # -- the sink ---------------------------------------------------------------------------------------
 
-# Runs as `python -c SINK_SCRIPT RESULT_FILE PROGRESS_FILE MAX_SECONDS SAMPLES WATCH_FILE`: binds 127.0.0.1:0,
+# Runs as `python -c SINK_SCRIPT RESULT_FILE PROGRESS_FILE MAX_SECONDS SAMPLES WATCH_FILE` (its life is
+# lean_smtp.serve_recording's, shared with the lean sink): binds 127.0.0.1:0,
 # prints the port, answers 250 to everything, rewrites PROGRESS_FILE ("count last-arrival") every 0.1 s, and on
 # SIGTERM/SIGINT (or after MAX_SECONDS: a safety net should this script die without stopping it) writes
 # RESULT_FILE. Headers are found with regular expressions on the raw bytes: no email parsing per message.
@@ -214,8 +215,10 @@ def sized_body(size: int) -> bytes:
 # {"rcpt", "arrival", "url"}, the URL being that copy's List-Unsubscribe http(s) link.
 # All stamps are time.time(), as in the benchmark's process: the same clock on the same machine.
 SINK_SCRIPT = r'''
-import asyncio, base64, json, logging, os, re, signal, socket, sys, time
+import base64, json, logging, re, sys, time
 from aiosmtpd.smtp import SMTP
+sys.path.insert(0, @BENCHMARKS@)
+from lean_smtp import run_on_fastest_loop, serve_recording
 
 result_path, progress_path, max_seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 SAMPLES = int(sys.argv[4])
@@ -265,40 +268,13 @@ class Handler:
             samples.append(base64.b64encode(content).decode())
         return "250 2.0.0 Ok: queued"
 
-async def main():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    loop = asyncio.get_running_loop()
-    handler = Handler()
-    server = await loop.create_server(lambda: SMTP(handler, hostname="sink.bench", ident="bench sink"),
-                                      sock=sock, backlog=1000)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(sock.getsockname()[1], flush=True)
-    deadline = time.monotonic() + max_seconds
-    while not stop.is_set() and time.monotonic() < deadline:
-        tmp = progress_path + ".tmp"
-        with open(tmp, "w") as out:
-            out.write(f"{len(arrivals)} {arrivals[-1] if arrivals else 0}\n")
-        os.replace(tmp, progress_path)
-        try:
-            await asyncio.wait_for(stop.wait(), 0.1)
-        except asyncio.TimeoutError:
-            pass
-    server.close()
-    with open(result_path + ".tmp", "w") as out:
-        json.dump({"arrivals": arrivals, "sent": sent, "ids": ids, "dkim": dkim, "samples": samples,
-                   "transactions": transactions, "rcpts": rcpts, "mail_at": mail_at, "unsub_urls": unsub_urls,
-                   "one_click": one_click}, out)
-    os.replace(result_path + ".tmp", result_path)
-
-try:
-    import uvloop
-except ImportError:
-    asyncio.run(main())
-else:
-    uvloop.run(main())
+handler = Handler()
+run_on_fastest_loop(serve_recording(
+    lambda: SMTP(handler, hostname="sink.bench", ident="bench sink"), result_path, progress_path, max_seconds,
+    lambda: (len(arrivals), arrivals[-1] if arrivals else 0),
+    lambda: {"arrivals": arrivals, "sent": sent, "ids": ids, "dkim": dkim, "samples": samples,
+             "transactions": transactions, "rcpts": rcpts, "mail_at": mail_at, "unsub_urls": unsub_urls,
+             "one_click": one_click}))
 '''
 
 
@@ -318,7 +294,8 @@ class AiosmtpdSink:
             Path(watch_path).write_text("".join(f"{address.lower()}\n" for address in watch))
         with (workdir / "sink.log").open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SINK_SCRIPT, str(self.result_path), str(self.progress_path),
+                [sys.executable, "-c", SINK_SCRIPT.replace("@BENCHMARKS@", repr(str(Path(__file__).parent))),
+                 str(self.result_path), str(self.progress_path),
                  str(max_seconds), str(SAMPLES), watch_path],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 start_new_session=True)  # Ctrl-C reaches us only; we stop it ourselves

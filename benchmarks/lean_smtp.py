@@ -250,27 +250,37 @@ class SinkSession(asyncio.Protocol):
 
 async def serve_sink(result_path: str, progress_path: str, max_seconds: float, samples: int) -> None:
     records = SinkRecords(samples)
+    await serve_recording(lambda: SinkSession(records), result_path, progress_path, max_seconds,
+                          lambda: (len(records.arrivals), records.arrivals[-1] if records.arrivals else 0),
+                          records.as_json)
+
+
+async def serve_recording(protocol_factory, result_path: str, progress_path: str, max_seconds: float,
+                          progress, result) -> None:
+    """A sink process's life, shared with deliver.SINK_SCRIPT: bind 127.0.0.1:0 and print the port, rewrite
+    PROGRESS_FILE ("count last-arrival" from `progress()`) every 0.1 s until SIGTERM/SIGINT or `max_seconds`
+    (a safety net should the benchmark die without stopping it), then write `result()` as JSON."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SinkSession(records), sock=sock, backlog=1000)
+    server = await loop.create_server(protocol_factory, sock=sock, backlog=1000)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(sock.getsockname()[1], flush=True)
     deadline = time.monotonic() + max_seconds
     while not stop.is_set() and time.monotonic() < deadline:
-        tmp = progress_path + ".tmp"
-        with open(tmp, "w") as out:
-            out.write(f"{len(records.arrivals)} {records.arrivals[-1] if records.arrivals else 0}\n")
-        os.replace(tmp, progress_path)
+        count, last = progress()
+        with open(progress_path + ".tmp", "w") as out:
+            out.write(f"{count} {last}\n")
+        os.replace(progress_path + ".tmp", progress_path)
         try:
             await asyncio.wait_for(stop.wait(), 0.1)
         except TimeoutError:
             pass
     server.close()
     with open(result_path + ".tmp", "w") as out:
-        json.dump(records.as_json(), out)
+        json.dump(result(), out)
     os.replace(result_path + ".tmp", result_path)
 
 
