@@ -472,7 +472,8 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             roots = [daemon_pid, postmaster]
 
             def mta_cpu() -> float:  # with workers, the daemon is a supervisor and its live children do the work
-                return tree_cpu_seconds(daemon_pid) + tree_cpu_seconds(postmaster)
+                parts["daemon"], parts["postgres"] = tree_cpu_seconds(daemon_pid), tree_cpu_seconds(postmaster)
+                return parts["daemon"] + parts["postgres"]
             extra["dkim_signatures_expected"] = len(keys)
         else:
             postfix = PrivatePostfix(workdir, sink.port)
@@ -484,6 +485,7 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
                 return tree_cpu_seconds(master)
         sampler = RssSampler(roots)
         clock: dict = {}
+        parts: dict[str, float] = {}  # mtad's CPU split: the daemon's processes and PostgreSQL's
 
         def context_cpu() -> tuple[float, float, float, float]:
             return (submit.client_cpu_seconds(), sink.cpu_seconds(), deliver.machine_busy_seconds(),
@@ -491,6 +493,7 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
 
         def on_connected() -> None:
             clock["cpu"], clock["context"], clock["start"] = mta_cpu(), context_cpu(), time.monotonic()
+            clock["parts"] = dict(parts)
 
         progress.run(label, args.messages)
         injection, complete = submit.run_async(drive(port, args, recipients, sink, label, progress, on_connected))
@@ -505,6 +508,9 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
                     "injector": round(injector * 1000 / injection.accepted, 3),
                     "sink": round(sink_cpu * 1000 / injection.accepted, 3),
                     "rss_sampler": round(rss_sampler * 1000 / injection.accepted, 3)}
+                if parts:
+                    extra["mta_cpu_s_per_1k"] = {name: round((parts[name] - clock["parts"][name]) * 1000
+                                                             / injection.accepted, 3) for name in parts}
         if daemon is not None:
             extra["daemon_peak_rss_mb"] = round(submit.peak_rss_mb(daemon.pid), 1)
             if daemon.poll() is not None:
@@ -671,8 +677,10 @@ def harness_text(run: dict) -> str:
     cost = run.get("harness_cpu_s_per_1k")
     if not cost:
         return "harness CPU n/a"
+    split = run.get("mta_cpu_s_per_1k")
+    own = f"; mtad CPU s/1k: daemon {split['daemon']}, PostgreSQL {split['postgres']}" if split else ""
     return (f"harness CPU s/1k: injector {cost['injector']} (of which PSS sampling {cost['rss_sampler']}), "
-            f"sink {cost['sink']}")
+            f"sink {cost['sink']}{own}")
 
 
 def cores_text(run: dict) -> str:

@@ -20,7 +20,7 @@ from mtad.observe.logs import log_event
 
 log = logging.getLogger("mtad.cluster")
 
-_RACE_RETRIES = 3  # two takers picked the same free slot: the loser looks again
+_RACE_RETRIES = 3  # two takers picked the same free slot: the loser looks again (not when none was free)
 _WANT_EVERY_S = 1.0
 
 
@@ -36,10 +36,12 @@ class ConnectionSlots:
         """A slot of `site`, or None when all `limit` are held (or the database cannot say)."""
         try:
             for _ in range(_RACE_RETRIES):
-                slot = await self._store.take_slot(site, self._node, limit, self._ttl)
+                slot, free = await self._store.take_slot(site, self._node, limit, self._ttl)
                 if slot is not None:
                     self.held.add((site, slot))
                     return slot
+                if not free:
+                    break
             await self._want(site)
         except DATABASE_UNAVAILABLE as exc:
             log_event(log, "cluster.slot_unavailable", logging.WARNING, site=site, error=type(exc).__name__)

@@ -68,8 +68,10 @@ class ClusterStore:
     async def forget_dead_nodes(self, listed_for: timedelta, wants_for: timedelta) -> None:
         await self._pool.execute(self._sql["forget_dead_nodes"], listed_for, wants_for)
 
-    async def take_slot(self, site: str, node: str, limit: int, ttl: timedelta) -> int | None:
-        return await self._pool.fetchval(self._sql["take_slot"], site, node, limit, ttl)
+    async def take_slot(self, site: str, node: str, limit: int, ttl: timedelta) -> tuple[int | None, bool]:
+        """(the slot taken or None, whether a slot was free: None and True means another node was faster)."""
+        row = await self._pool.fetchrow(self._sql["take_slot"], site, node, limit, ttl)
+        return row["slot"], row["free"]
 
     async def give_slots(self, node: str, slots: Sequence[tuple[str, int]]) -> None:
         await self._pool.execute(self._sql["give_slots"], node, [s for s, _ in slots], [n for _, n in slots])

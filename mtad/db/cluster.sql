@@ -27,19 +27,22 @@ DELETE FROM nodes WHERE heartbeat_at < now() - $1::interval;
 
 -- take_slot --
 -- One free slot of the site's `connection_limit` ($3), or none. Two nodes that pick the same free slot
--- conflict on the primary key; the loser gets no row and tries again.
+-- conflict on the primary key; the loser gets no slot but `free` true, and tries again. `free` false: every
+-- slot is held, and trying again at once would only cost another statement.
 WITH free AS (
     SELECT s AS slot FROM generate_series(0, $3 - 1) AS s
     WHERE NOT EXISTS (
         SELECT 1 FROM connection_slots AS c WHERE c.site = $1 AND c.slot = s AND c.expires_at > now()
     )
     ORDER BY s LIMIT 1
+), taken AS (
+    INSERT INTO connection_slots (site, slot, node, expires_at)
+    SELECT $1, free.slot, $2, now() + $4::interval FROM free
+    ON CONFLICT (site, slot) DO UPDATE SET node = EXCLUDED.node, expires_at = EXCLUDED.expires_at
+        WHERE connection_slots.expires_at <= now()
+    RETURNING slot
 )
-INSERT INTO connection_slots (site, slot, node, expires_at)
-SELECT $1, free.slot, $2, now() + $4::interval FROM free
-ON CONFLICT (site, slot) DO UPDATE SET node = EXCLUDED.node, expires_at = EXCLUDED.expires_at
-    WHERE connection_slots.expires_at <= now()
-RETURNING slot;
+SELECT (SELECT slot FROM taken) AS slot, EXISTS (SELECT 1 FROM free) AS free;
 
 -- give_slots --
 -- Connections closed: their slots are free for any node.

@@ -8,12 +8,22 @@ from mtad.config import DatabaseSettings
 
 # jit off: the claim's anti-join (paused destinations) is estimated expensive at a million queued rows, which
 # makes PostgreSQL spend ~140 ms JIT-compiling a query that runs in 0.5 ms (benchmarks/claim.py).
-# force_custom_plan: asyncpg prepares every statement; after five runs PostgreSQL may keep a generic plan, made
-# while the queue was small (a fresh database, before autovacuum's first ANALYZE) and blind to the length of
-# the arrays mtad passes. That plan stayed while the queue grew: in benchmarks/relay.py (20,000 messages)
-# PostgreSQL spent a whole core on outcome batches, 228 delivered/s and 5.75 CPU s per 1000 messages;
-# planning each execution costs far less: 366 delivered/s and 3.28 CPU s.
-SERVER_SETTINGS = {"application_name": "mtad", "jit": "off", "plan_cache_mode": "force_custom_plan"}
+SERVER_SETTINGS = {"application_name": "mtad", "jit": "off"}
+
+# The daemon's pool runs the same few statements thousands of times a second: each is planned once per
+# connection (force_generic_plan), not at every execution. Planning was a third of PostgreSQL's CPU in the
+# relay benchmark (pg_stat_statements: 5.2 of 14 s, the foreign-key checks' plans included). A generic plan
+# cannot see how big the tables are now, and one made on a fresh, tiny queue would scan where an index finds
+# the rows (every leased recipient, per outcome batch: a whole core once the queue had grown); with sequential
+# scans disabled every statement reaches the queue through its indexes, whatever the statistics said when it
+# was planned. tests/integration/test_query_plans.py holds every named query to that.
+DAEMON_SERVER_SETTINGS = {
+    **SERVER_SETTINGS,
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
 
 # Raised while PostgreSQL is down, restarting, or the connection was cut: callers answer "try again later".
 # InternalClientError: asyncpg raises it ("cannot switch to state 12; another operation (2) is in progress")
@@ -47,11 +57,13 @@ async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
         max_size=settings.pool_max_size,
         timeout=settings.connect_timeout,
         command_timeout=settings.command_timeout,
-        server_settings=SERVER_SETTINGS,
+        server_settings=DAEMON_SERVER_SETTINGS,
     )
 
 
 async def connect(url: str, settings: DatabaseSettings) -> asyncpg.Connection:
+    """One connection for operators' commands, migrations and LISTEN: statements that run once get plans made
+    for their parameters."""
     return await asyncpg.connect(
         url,
         timeout=settings.connect_timeout,

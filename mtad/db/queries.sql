@@ -39,13 +39,17 @@ SELECT i.queue_id, i.address, i.suppressed_because FROM incoming AS i WHERE i.su
 -- Lease a batch of due recipients; SKIP LOCKED lets several claimers (and nodes) share the queue.
 -- Suppressed since they were queued (an unsubscribe, a hard bounce): marked so in the same statement,
 -- never handed to delivery. Paused domains and tenants are skipped.
+-- Each recipient's message is looked up by primary key in a LATERAL subquery that OFFSET 0 keeps from being
+-- flattened into a join: the plan (kept for the connection's life, mtad.db.pool) then has one shape however
+-- small the tables were when it was made.
 WITH due AS (
-    SELECT r.id,
+    SELECT r.id, m.queue_id, m.mail_from, m.class, m.list_id,
            EXISTS (SELECT 1 FROM suppressions AS s
                    WHERE s.tenant_id = r.tenant_id AND s.address = lower(r.address)
                      AND (s.reason <> 'unsubscribed' OR (m.class = 'marketing' AND s.list_id IN ('', m.list_id))))
                AS suppressed
-    FROM recipients AS r JOIN messages AS m ON m.id = r.message_id
+    FROM recipients AS r
+    CROSS JOIN LATERAL (SELECT queue_id, mail_from, class, list_id FROM messages WHERE id = r.message_id OFFSET 0) AS m
     WHERE r.state IN ('queued', 'deferred') AND r.next_attempt_at <= $1
       AND NOT EXISTS (SELECT 1 FROM queue_pauses AS p WHERE p.domain = r.domain OR p.tenant_id = r.tenant_id)
     ORDER BY r.next_attempt_at
@@ -61,13 +65,15 @@ WITH due AS (
 )
 UPDATE recipients AS r
 SET state = 'active', lease_owner = $3, lease_expires_at = $1 + make_interval(secs => $4), updated_at = $1
-FROM due, messages AS m
-WHERE r.id = due.id AND NOT due.suppressed AND m.id = r.message_id
-RETURNING r.id, r.message_id, m.queue_id, r.tenant_id, m.mail_from, r.address, r.domain, r.attempts,
-          r.queued_at, r.lease_expires_at, m.class, m.list_id;
+FROM due
+WHERE r.id = due.id AND NOT due.suppressed
+RETURNING r.id, r.message_id, due.queue_id, r.tenant_id, due.mail_from, r.address, r.domain, r.attempts,
+          r.queued_at, r.lease_expires_at, due.class, due.list_id;
 
 -- record_outcomes --
--- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing.
+-- Finish attempts: only rows still leased by this owner change, so a node that lost its lease changes nothing
+-- (a lease owner implies state 'active': the table's CHECK). The rows are found by primary key (`id = ANY`),
+-- never through the lease index: a generic plan made on a small table would scan every leased row.
 -- A hard bounce (the address itself is bad) suppresses the address for the tenant in the same statement.
 WITH outcome AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
@@ -81,7 +87,7 @@ WITH outcome AS (
         next_attempt_at = coalesce(o.next_attempt_at, r.next_attempt_at),
         last_code = o.code, last_enhanced = o.enhanced, last_reply = o.reply, updated_at = $8
     FROM outcome AS o
-    WHERE r.id = o.recipient_id AND r.state = 'active' AND r.lease_owner = $1
+    WHERE r.id = ANY ($2::bigint[]) AND r.id = o.recipient_id AND r.lease_owner = $1
     RETURNING r.id, r.message_id, r.tenant_id, r.address, r.state, o.code, o.enhanced, o.reply, o.site, o.mx_host,
               o.tls_version, o.duration_ms, o.category, o.hard
 ), hard_bounces AS (
@@ -114,7 +120,7 @@ RETURNING recipient_id;
 -- Recipients this owner still holds (waiting in memory or in flight) keep their lease: a long attempt or a
 -- database outage must not let the lease run out under us and a second claim deliver them again.
 UPDATE recipients SET lease_expires_at = $3::timestamptz + make_interval(secs => $4::double precision)
-WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2;
+WHERE id = ANY ($1::bigint[]) AND lease_owner = $2;
 
 -- release --
 -- Give leases back without an attempt (shutdown, held too long in memory), due again at $4 if given.
@@ -123,7 +129,7 @@ WITH released AS (
     SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
         lease_owner = NULL, lease_expires_at = NULL, updated_at = $3,
         next_attempt_at = coalesce($4::timestamptz, next_attempt_at)
-    WHERE id = ANY ($1::bigint[]) AND state = 'active' AND lease_owner = $2
+    WHERE id = ANY ($1::bigint[]) AND lease_owner = $2
     RETURNING id, message_id, tenant_id
 )
 INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
@@ -341,8 +347,11 @@ FROM target;
 
 -- recipient_for_token --
 -- What an unsubscribe token points at: the recipient, its tenant, its message's class and list.
+-- (The message and tenant by primary key, LATERAL and OFFSET 0 as in claim_due.)
 SELECT r.id, r.tenant_id, r.address, m.class, m.list_id, t.name AS tenant
-FROM recipients AS r JOIN messages AS m ON m.id = r.message_id JOIN tenants AS t ON t.id = r.tenant_id
+FROM recipients AS r
+CROSS JOIN LATERAL (SELECT class, list_id FROM messages WHERE id = r.message_id OFFSET 0) AS m
+CROSS JOIN LATERAL (SELECT name FROM tenants WHERE id = r.tenant_id OFFSET 0) AS t
 WHERE r.id = $1 AND r.tenant_id = $2;
 
 -- suppress_address --

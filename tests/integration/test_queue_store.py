@@ -269,21 +269,3 @@ async def test_migrations_are_idempotent_and_the_schema_check_passes(pool):
         await check_schema(conn)
         versions = [r["version"] for r in await conn.fetch("SELECT version FROM mtad_schema_migrations")]
     assert versions == [m.version for m in available_migrations()]
-
-
-
-async def test_mtad_connections_plan_every_statement_for_its_own_parameters(db_url):
-    """A generic plan made while the queue was tiny (fresh database, no ANALYZE yet) stayed cached while the
-    queue grew; the relay benchmark's PostgreSQL then spent a core on outcome batches (228 instead of 366
-    delivered/s). Custom plans see the table's current size and the batch's real length."""
-    from mtad.config import DatabaseSettings
-    from mtad.db.pool import connect, create_pool
-
-    mtad_pool = await create_pool(db_url, DatabaseSettings(pool_min_size=1, pool_max_size=1))
-    listener = await connect(db_url, DatabaseSettings())
-    try:
-        assert await mtad_pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
-        assert await listener.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
-    finally:
-        await listener.close()
-        await mtad_pool.close()

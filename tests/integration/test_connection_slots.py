@@ -1,0 +1,53 @@
+"""Cluster-wide connection slots against a real PostgreSQL: taking, giving back, lapsing, and what a node
+that finds every slot held costs the database."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from mtad.cluster.slots import ConnectionSlots
+from mtad.cluster.store import ClusterStore
+from mtad.config import DatabaseSettings
+from mtad.db.pool import create_pool
+
+
+class CountingStore(ClusterStore):
+    """The real store; counts the take statements it runs."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.takes = 0
+
+    async def take_slot(self, *args):
+        self.takes += 1
+        return await super().take_slot(*args)
+
+
+async def test_slots_are_shared_up_to_the_limit_and_a_full_site_costs_one_statement(db_url):
+    pool = await create_pool(db_url, DatabaseSettings(pool_min_size=1, pool_max_size=2))
+    try:
+        first, second = ConnectionSlots(CountingStore(pool), "node-a", 60), ConnectionSlots(CountingStore(pool), "node-b", 60)
+        assert await first.take("site", 2) == 0
+        assert await second.take("site", 2) == 1
+        first._store.takes = 0
+        assert await first.take("site", 2) is None  # every slot held: no retry, one want recorded
+        assert first._store.takes == 1
+        assert await pool.fetchval("SELECT count(*) FROM connection_slot_wants WHERE node = 'node-a'") == 1
+        await second.give("site", 1)
+        assert await first.take("site", 2) == 1
+        assert first.held == {("site", 0), ("site", 1)} and second.held == set()
+    finally:
+        await pool.close()
+
+
+async def test_a_lapsed_slot_of_a_dead_node_is_taken_over(db_url):
+    pool = await create_pool(db_url, DatabaseSettings(pool_min_size=1, pool_max_size=2))
+    try:
+        store = ClusterStore(pool)
+        assert await store.take_slot("site", "dead-node", 1, timedelta(seconds=60)) == (0, True)
+        await pool.execute("UPDATE connection_slots SET expires_at = now() - interval '1 second'")
+        alive = ConnectionSlots(store, "alive-node", 60)
+        assert await alive.take("site", 1) == 0
+        assert await pool.fetchval("SELECT node FROM connection_slots WHERE site = 'site' AND slot = 0") == "alive-node"
+    finally:
+        await pool.close()
