@@ -346,10 +346,12 @@ class PrivatePostfix:
         """(problems, notes): lines of the instance's log with warning/error/fatal/panic (a fair run has none),
         except the file system clock warning, which is a note: on some VMs file time stamps run up to a second
         ahead of time(), and Postfix's cleanup then sets each queue file's time stamps itself (one utime() per
-        message; the warning says it "hurts performance"). That is the machine, not the configuration. Also a note:
-        qmgr's "mail for [127.0.0.1]:PORT is using up N of N active queue entries" (and its "you may need to
-        reduce ... concurrency" follow-up): every message goes to the one relay host here, so that destination
-        fills Postfix's in-memory active queue by design of the benchmark; Postfix keeps delivering."""
+        message; the warning says it "hurts performance"). That is the machine, not the configuration. Also notes:
+        qmgr's "mail for [127.0.0.1]:PORT is using up N of N active queue entries" and the advice lines it logs
+        with it (qmgr_clog_warn_time: "you may need to reduce/increase ...", "please avoid flushing the whole
+        queue ...", "lots of deferred mail ...", "to turn off these warnings ..."): every message goes to the one
+        relay host here, so that destination fills Postfix's in-memory active queue by design of the benchmark;
+        Postfix keeps delivering."""
         try:
             lines = (self.root / "postfix.log").read_text(errors="replace").splitlines()
         except OSError:
@@ -357,7 +359,9 @@ class PrivatePostfix:
         bad = [line for line in lines
                if any(f" {level}: " in line for level in ("warning", "error", "fatal", "panic"))]
         notes = [line for line in bad if any(known in line for known in (
-            "file system clock is", "resetting file time stamps", "active queue entries", "you may need to reduce"))]
+            "file system clock is", "resetting file time stamps", "active queue entries", "you may need to reduce",
+            "you may need to increase", "so that Postfix quickly skips", "please avoid flushing the whole queue",
+            "lots of deferred mail", "to turn off these warnings"))]
         return [line for line in bad if line not in notes][:20], notes[:4]
 
     def queue_empty(self) -> bool:
