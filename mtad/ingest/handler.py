@@ -12,7 +12,6 @@ from __future__ import annotations
 import binascii
 import ipaddress
 import logging
-import secrets
 import time
 from base64 import b64decode
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from mtad.config import SubmissionSettings
 from mtad.db.pool import DATABASE_UNAVAILABLE
 from mtad.ingest.credentials import CredentialVerifier
 from mtad.ingest.protocol import SubmissionEnvelope, SubmissionSession, SubmissionSMTP
+from mtad.ingest.random_bits import RandomBits
 from mtad.model import EnvelopeRecipient, Submission, Tenant
 from mtad.observe.logs import log_event
 from mtad.observe.metrics import AUTH_FAILURES, SUBMISSIONS
@@ -47,6 +47,7 @@ log = logging.getLogger("mtad.ingest")
 
 QUEUE_UNAVAILABLE = "451 4.3.0 Queue temporarily unavailable; message not accepted, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
+_QUEUE_ID_BITS = RandomBits()
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class SubmissionHandler:
             return kind.reply
         content = strip_owned_headers(header_block) + body
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        queue_id = make_queue_id(int(now.timestamp() * 1000), secrets.randbits(32))
+        queue_id = make_queue_id(int(now.timestamp() * 1000), _QUEUE_ID_BITS.next32())
         trace = trace_headers(
             fields,
             queue_id=queue_id,
