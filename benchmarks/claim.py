@@ -1,8 +1,9 @@
 """Claim latency against queue depth: does leasing a batch stay fast with a million recipients queued?
 
 Starts a private durable PostgreSQL, fills the queue with N queued recipients (COPY-speed generate_series),
-ANALYZEs, then drains the head of the queue the way the daemon does: claim a batch (`claim_due`, 200 per
-batch by default), record each recipient delivered (`record_outcomes`), repeat; and times both. Prints a
+ANALYZEs, then drains the head of the queue the way the daemon does, with its connection settings and so its
+plans: claim a batch (`claim_due`, 200 per batch by default), record each recipient delivered
+(`record_outcomes`), repeat; and times both. Prints a
 Markdown table per depth: claim and record latency p50/p95/max, the indexes the claim plan uses.
 
     .venv/bin/python benchmarks/claim.py --depths 10000,1000000
@@ -24,7 +25,7 @@ import asyncpg
 
 from mtad.db.embedded import EmbeddedPostgres
 from mtad.db.migrate import migrate
-from mtad.db.pool import SERVER_SETTINGS
+from mtad.db.pool import DAEMON_SERVER_SETTINGS
 from mtad.db.queries import queries
 from mtad.model import Reply
 from mtad.queue.store import QueueStore
@@ -69,9 +70,14 @@ async def measure(url: str, depth: int, batches: int, batch_size: int) -> dict:
     started = time.monotonic()
     await fill(conn, depth)
     fill_s = time.monotonic() - started
-    plan = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + queries()["claim_due"], NOW, batch_size, "b", 60.0))
     await conn.close()
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2, server_settings=SERVER_SETTINGS)
+    # The daemon's connection settings: each statement planned once per connection (mtad.db.pool).
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2, server_settings=DAEMON_SERVER_SETTINGS)
+    async with pool.acquire() as probe:  # the plan the daemon's connections keep
+        await probe.execute(f"PREPARE claim_probe AS {queries()['claim_due']}")
+        plan = json.loads(await probe.fetchval("EXPLAIN (FORMAT JSON) EXECUTE claim_probe($1, $2, $3, $4)",
+                                               NOW, batch_size, "b", 60.0))
+        await probe.execute("DEALLOCATE claim_probe")
     store = QueueStore(pool)
     claim_ms, record_ms = [], []
     delivered = Reply(250, "2.0.0", "ok")

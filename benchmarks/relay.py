@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=3, help="mtad/Postfix pairs, alternated (default 3)")
     parser.add_argument("--size", type=int, default=5120, help="message size in bytes (default 5120)")
     parser.add_argument("--dual", action="store_true", help="mtad signs with RSA-2048 and Ed25519 (two signatures)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="mtad processes sharing the listeners and the database (mtad run --workers, default 1)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="mtad processes sharing the listeners and the database (mtad run --workers; default: "
+                             "one per core, as mtad is meant to run on a multi-core host)")
     parser.add_argument("--time-limit", type=float, default=600, metavar="S",
                         help="cap in seconds on injection plus delivery, per run (default 600)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG")
