@@ -712,15 +712,17 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colours = {"mtad": "tab:blue", "postfix": "tab:orange"}
+    styles = ["-", "--", ":", "-."]  # one per pair, so the pairs stay apart
     for run in report["runs"]:
+        style = styles[(run["pair"] - 1) % len(styles)]
         seconds = [row["second"] for row in run["timeline"]]
         arrived = [row["arrived"] for row in run["timeline"]]
         left.plot(seconds, arrived, color=colours[run["mta"]], alpha=0.8,
-                  linestyle="-" if run["pair"] % 2 else "--", label=f"{run['mta']} pair {run['pair']}")
+                  linestyle=style, label=f"{run['mta']} pair {run['pair']}")
         lat = run.get("latencies_ms") or []
         if lat:
             right.plot(lat, [100 * (i + 1) / len(lat) for i in range(len(lat))], color=colours[run["mta"]],
-                       alpha=0.8, linestyle="-" if run["pair"] % 2 else "--", label=f"{run['mta']} pair {run['pair']}")
+                       alpha=0.8, linestyle=style, label=f"{run['mta']} pair {run['pair']}")
     left.set(title="delivered per second (at the sink)", xlabel="seconds since first injection",
              ylabel="messages/s")
     right.set(title="submit -> delivered latency (CDF)", xlabel="ms", ylabel="% of messages", xscale="log")
