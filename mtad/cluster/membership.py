@@ -117,8 +117,9 @@ class Membership:
         for node, pid in await self.store.silent_nodes_on_host(self.host, self.node, silent_for):
             if process_exists(pid):
                 continue  # silent but alive (stalled, or the pid was reused): leave it to dead_after
-            released = await self.store.reap_node(node)
-            log_event(log, "cluster.node_reaped", node=node, recipients_released=released)
+            reaped, released = await self.store.reap_node(node)
+            if reaped:  # not when another sibling reaped it at the same moment
+                log_event(log, "cluster.node_reaped", node=node, recipients_released=released)
 
     def announce_throttle(self, site: str, error: str | None) -> None:
         """This node was throttled by `site`: tell the others (in the background, at most once a second)."""

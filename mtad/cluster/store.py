@@ -93,9 +93,11 @@ class ClusterStore:
         rows = await self._pool.fetch(self._sql["silent_nodes_on_host"], host, node, silent_for)
         return [(row["id"], row["pid"]) for row in rows]
 
-    async def reap_node(self, node: str) -> int:
-        """Forget a dead node; returns how many of its leased recipients went back to the queue."""
-        return await self._pool.fetchval(self._sql["reap_node"], node)
+    async def reap_node(self, node: str) -> tuple[bool, int]:
+        """Forget a dead node: (whether this call removed it, how many of its leased recipients went back to
+        the queue); a sibling that reaped it first leaves (False, 0)."""
+        row = await self._pool.fetchrow(self._sql["reap_node"], node)
+        return row["reaped"], row["released"]
 
     async def take_rate_tokens(self, site: str, rate_per_s: float, burst: float, want: int) -> int:
         return await self._pool.fetchval(self._sql["take_rate_tokens"], site, rate_per_s, burst, want)

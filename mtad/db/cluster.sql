@@ -85,10 +85,11 @@ SELECT id, pid FROM nodes WHERE host = $1 AND id <> $2 AND heartbeat_at < now() 
 
 -- reap_node --
 -- A node known to be dead (its process is gone): its slots, wishes and row go at once, and its leased
--- recipients go back to the queue now rather than when their lease would have run out.
+-- recipients go back to the queue now rather than when their lease would have run out. Two siblings that
+-- reap it at once serialise on its row: only the one that deleted it reports `reaped`.
 WITH slots AS (DELETE FROM connection_slots WHERE node = $1),
      wants AS (DELETE FROM connection_slot_wants WHERE node = $1),
-     gone AS (DELETE FROM nodes WHERE id = $1),
+     gone AS (DELETE FROM nodes WHERE id = $1 RETURNING id),
      released AS (
     UPDATE recipients AS r
     SET state = CASE WHEN r.attempts = 0 THEN 'queued' ELSE 'deferred' END,
@@ -99,7 +100,7 @@ WITH slots AS (DELETE FROM connection_slots WHERE node = $1),
     INSERT INTO events (at, kind, tenant_id, message_id, recipient_id)
     SELECT now(), 'reclaimed', tenant_id, message_id, id FROM released
 )
-SELECT count(*) FROM released;
+SELECT EXISTS (SELECT 1 FROM gone) AS reaped, (SELECT count(*) FROM released) AS released;
 
 -- take_rate_tokens --
 -- Up to $4 tokens of the site's bucket (refilled at $2 per second, at most $3 held). Two nodes taking at

@@ -1,8 +1,9 @@
-"""Cluster-wide connection slots against a real PostgreSQL: taking, giving back, lapsing, and what a node
-that finds every slot held costs the database."""
+"""Cluster-wide connection slots against a real PostgreSQL: taking, giving back, lapsing, what a node that
+finds every slot held costs the database; and a dead node reaped by two siblings at once."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from mtad.cluster.slots import ConnectionSlots
@@ -49,5 +50,20 @@ async def test_a_lapsed_slot_of_a_dead_node_is_taken_over(db_url):
         alive = ConnectionSlots(store, "alive-node", 60)
         assert await alive.take("site", 1) == 0
         assert await pool.fetchval("SELECT node FROM connection_slots WHERE site = 'site' AND slot = 0") == "alive-node"
+    finally:
+        await pool.close()
+
+
+async def test_a_dead_node_reaped_by_two_siblings_at_once_is_reaped_by_one(db_url):
+    pool = await create_pool(db_url, DatabaseSettings(pool_min_size=2, pool_max_size=4))
+    try:
+        store = ClusterStore(pool)
+        await pool.execute("INSERT INTO nodes (id, host, pid, started_at, heartbeat_at) "
+                           "VALUES ('dead', 'h', 1, now(), now() - interval '1 minute')")
+        await store.take_slot("site", "dead", 2, timedelta(seconds=60))
+        outcomes = await asyncio.gather(store.reap_node("dead"), store.reap_node("dead"))
+        assert sorted(reaped for reaped, _ in outcomes) == [False, True]
+        assert not await pool.fetchval("SELECT count(*) FROM nodes WHERE id = 'dead'")
+        assert not await pool.fetchval("SELECT count(*) FROM connection_slots WHERE node = 'dead'")
     finally:
         await pool.close()
