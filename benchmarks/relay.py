@@ -521,8 +521,9 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             if daemon.poll() is not None:
                 raise RuntimeError(f"mtad exited with {daemon.returncode} during the run")
             extra["states"] = submit.run_async(deliver.recipient_states(url))
-            log_counts, _ = deliver.daemon_log_problems(workdir / "mtad.log")
+            log_counts, examples = deliver.daemon_log_problems(workdir / "mtad.log")
             extra["daemon_warnings"] = sum(log_counts.values())
+            extra["daemon_warning_examples"] = examples  # the log goes with the run's directory
         if postfix is not None:
             extra["postfix_queue_empty"] = postfix.queue_empty()
             extra["postfix_log_warnings"], extra["postfix_log_notes"] = postfix.log_warnings()
@@ -579,7 +580,8 @@ def summarize(mta: str, args, injection: Injection, complete: bool, received: di
         if extra.get("states", {}).get("delivered", 0) != injection.accepted:
             problems.append(f"recipient states in PostgreSQL: {extra.get('states')}")
         if extra.get("daemon_warnings"):
-            problems.append(f"the daemon logged {extra['daemon_warnings']} warnings/errors")
+            problems.append(f"the daemon logged {extra['daemon_warnings']} warnings/errors, first: "
+                            + " | ".join(extra.get("daemon_warning_examples", [])[:3]))
     else:
         if extra.get("postfix_log_warnings"):
             problems.append(f"Postfix logged warnings/errors: {extra['postfix_log_warnings'][:3]}")

@@ -1,17 +1,13 @@
 """TLS for the submission listeners: the configured certificate, or a self-signed one for development.
 
 The generated certificate (ECDSA P-256, 10 years, CN and SAN = the configured hostname) lives under
-state_dir/tls and is reused on later starts, so clients that pinned it keep working. Worker processes
-(`mtad run --workers N`) start together: the first makes the pair under an exclusive lock, the others wait
-for it and load the same pair (each making its own left one worker with another's key and a mismatching
-certificate, and that worker could not start).
+state_dir/tls and is reused on later starts, so clients that pinned it keep working. Workers starting
+together make it once (`mtad.state_files`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import os
 import ssl
 from pathlib import Path
 
@@ -20,18 +16,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mtad.state_files import made_once, write_atomically
+
 
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     cert_path, key_path = directory / "submission.crt", directory / "submission.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    with made_once(directory, "submission"):
         if not (cert_path.exists() and key_path.exists()):
             key_bytes, cert_bytes = _self_signed_pair(hostname)
-            _write_atomically(key_path, key_bytes, 0o600)
-            _write_atomically(cert_path, cert_bytes, 0o644)
+            write_atomically(key_path, key_bytes, 0o600)
+            write_atomically(cert_path, cert_bytes, 0o644)
     return cert_path, key_path
 
 
@@ -54,15 +50,6 @@ def _self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_bytes, cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Written beside `path` and renamed over it: a reader sees the whole file or none."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
 
 
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:

@@ -1,0 +1,34 @@
+"""Files mtad makes for itself on its first start (the feedback key, the development TLS certificate): made by
+exactly one process, and seen by every other whole or not at all.
+
+Worker processes (`mtad run --workers N`) start together. Each checking "missing?" and then writing its own
+left one worker crashing on a half-written key file, or holding another's TLS key with a mismatching
+certificate. `made_once` serialises the check and the making under an exclusive lock beside the files (released
+when the file closes, also if the process dies); `write_atomically` writes beside the target and renames.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def made_once(directory: Path, name: str) -> Iterator[None]:
+    """Hold the lock for making `name` in `directory`; check again inside, then make it if still missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Written beside `path` and renamed over it: a reader sees the whole file or none."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
