@@ -15,8 +15,9 @@ SERVER_SETTINGS = {"application_name": "mtad", "jit": "off"}
 # relay benchmark (pg_stat_statements: 5.2 of 14 s, the foreign-key checks' plans included). A generic plan
 # cannot see how big the tables are now, and one made on a fresh, tiny queue would scan where an index finds
 # the rows (every leased recipient, per outcome batch: a whole core once the queue had grown); with sequential
-# scans disabled every statement reaches the queue through its indexes, whatever the statistics said when it
-# was planned. tests/integration/test_query_plans.py holds every named query to that.
+# scans, hash and merge joins disabled every statement reaches the queue through its indexes, driven by the few
+# rows it is about, whatever the statistics said when it was planned. tests/integration/test_query_plans.py
+# holds every statement the daemon runs to that.
 DAEMON_SERVER_SETTINGS = {
     **SERVER_SETTINGS,
     "plan_cache_mode": "force_generic_plan",
