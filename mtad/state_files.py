@@ -1,5 +1,5 @@
-"""Files mtad makes for itself on its first start (the feedback key, the development TLS certificate): made by
-exactly one process, and seen by every other whole or not at all.
+"""Files mtad makes for itself (the feedback key, the development TLS certificate, the embedded cluster's
+settings and password): made by exactly one process, and seen by every other whole or not at all.
 
 Worker processes (`mtad run --workers N`) start together. Each checking "missing?" and then writing its own
 left one worker crashing on a half-written key file, or holding another's TLS key with a mismatching
@@ -25,10 +25,13 @@ def made_once(directory: Path, name: str) -> Iterator[None]:
         yield
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Written beside `path` and renamed over it: a reader sees the whole file or none."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def write_atomically(path: Path, data: bytes | str, mode: int) -> None:
+    """Written beside `path` and renamed over it: a reader sees the whole file or none. Created with `mode`
+    (never briefly wider), and exactly `mode` whatever the umask."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as file:
-        file.write(data)
+        file.write(data.encode() if isinstance(data, str) else data)
+        os.fchmod(file.fileno(), mode)
     os.replace(temporary, path)

@@ -49,6 +49,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from mtad.state_files import write_atomically
+
 log = logging.getLogger(__name__)
 
 POSTGRES_SYSTEM_USER = "postgres"
@@ -217,13 +219,13 @@ class EmbeddedPostgres:
         if self._requested_port:
             if stored != self._requested_port:
                 self.root.mkdir(parents=True, exist_ok=True)
-                _write_file(port_file, f"{self._requested_port}\n", 0o644)
+                write_atomically(port_file, f"{self._requested_port}\n", 0o644)
             return self._requested_port
         if stored:
             return stored
         self.root.mkdir(parents=True, exist_ok=True)
         port = pick_free_port()
-        _write_file(port_file, f"{port}\n", 0o644)
+        write_atomically(port_file, f"{port}\n", 0o644)
         return port
 
     def _is_initialised(self) -> bool:
@@ -303,7 +305,7 @@ class EmbeddedPostgres:
         if home != self.root:
             pointer = self.root / POINTER_FILE
             if not pointer.is_file() or pointer.read_text().strip() != str(home):
-                _write_file(pointer, f"{home}\n", 0o644)
+                write_atomically(pointer, f"{home}\n", 0o644)
         port = self.port
         password = self._ensure_password()
         self._make_dirs(home)
@@ -334,7 +336,7 @@ class EmbeddedPostgres:
 
     def _ensure_password(self) -> str:
         if not self.password_path.is_file():
-            _write_file(self.password_path, secrets.token_urlsafe(24) + "\n", 0o600)
+            write_atomically(self.password_path, secrets.token_urlsafe(24) + "\n", 0o600)
         return self._read_password()
 
     def _read_password(self) -> str:
@@ -347,7 +349,7 @@ class EmbeddedPostgres:
     def _initdb(self, password: str) -> None:
         # initdb runs as postgres, so the password file it reads must be postgres's, not the caller's.
         pwfile = self.socket_dir / ".initdb-password"
-        _write_file(pwfile, password + "\n", 0o600)
+        write_atomically(pwfile, password + "\n", 0o600)
         self._give_to_postgres(pwfile)
         argv = [self._tool("initdb"), "-D", self.data_dir, "-U", self.user, "--auth=scram-sha-256",
                 f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C", "--no-instructions"]
@@ -370,7 +372,7 @@ class EmbeddedPostgres:
         ours = self.data_dir / "mtad.conf"
         text = render_settings(port=port, socket_dir=self.socket_dir, durable=self.durable)
         if not ours.is_file() or ours.read_text() != text:
-            _write_file(ours, text, 0o600)
+            write_atomically(ours, text, 0o600)
             self._give_to_postgres(ours)
 
     def _pg_ctl_start(self, timeout_s: float) -> None:
@@ -423,7 +425,7 @@ class EmbeddedPostgres:
         found = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'")
         if found.strip() != "1":
             self._psql(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
-        _write_file(marker, f"{self.database}\n", 0o600)
+        write_atomically(marker, f"{self.database}\n", 0o600)
         self._give_to_postgres(marker)
 
     def _psql(self, sql: str) -> str:
@@ -498,17 +500,6 @@ def _postgres_ids() -> tuple[int, int]:
             f"running as root needs a '{POSTGRES_SYSTEM_USER}' system user to own the cluster; "
             "install the postgresql package") from None
     return entry.pw_uid, entry.pw_gid
-
-
-def _write_file(path: Path, text: str, mode: int) -> None:
-    """Replace `path` atomically with `text`, created with `mode` (never briefly wider)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _read_int(path: Path, *, first_line: bool = False) -> int | None:

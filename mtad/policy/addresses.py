@@ -35,20 +35,22 @@ class ParsedAddress:
 
 def parse_address(text: str, *, smtputf8: bool, role: str) -> ParsedAddress:
     """`role` is "sender" or "recipient": it picks the enhanced code (5.1.7 / 5.1.3) of a syntax error."""
-    return _parse_address(text, smtputf8, role)
-
-
-# A sender and its From header repeat for every message of a campaign: email-validator's parse was ~4 % of
-# the daemon's CPU in a py-spy profile of benchmarks/relay.py. Refusals raise and so are never cached.
-@lru_cache(maxsize=4096)
-def _parse_address(text: str, smtputf8: bool, role: str) -> ParsedAddress:
     bad_syntax = "553 5.1.7 Bad sender address syntax" if role == "sender" else "553 5.1.3 Bad recipient address syntax"
     if not text or any(ch in text for ch in "\r\n\0%") or text.startswith("@"):
         raise AddressError(bad_syntax)
     try:
         plain = _plain_address(text)
-        if plain is not None:
-            return plain
+    except email_validator.EmailNotValidError:
+        raise AddressError(bad_syntax) from None
+    return plain if plain is not None else _validated_address(text, smtputf8, bad_syntax)
+
+
+# A sender and its From header repeat for every message of a campaign: email-validator's parse was ~4 % of
+# the daemon's CPU in a py-spy profile of benchmarks/relay.py. Refusals raise and so are never cached; plain
+# addresses (every recipient, mostly) do not come here and so do not push the senders out.
+@lru_cache(maxsize=4096)
+def _validated_address(text: str, smtputf8: bool, bad_syntax: str) -> ParsedAddress:
+    try:
         valid = _validate(text)
     except email_validator.EmailNotValidError:
         raise AddressError(bad_syntax) from None

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtad.policy.addresses import AddressError, ParsedAddress, _parse_address, _plain_address, _validate
+from mtad.policy.addresses import AddressError, ParsedAddress, _plain_address, _validate, parse_address
 
 ATOM = "abcxyzABCXYZ0189!#$&'*+/=?^_`{|}~-"
 LABELS = ["example", "gmail", "com", "nl", "co", "uk", "xn--bcher-kva", "bücher", "ex-ample", "-bad", "bad-", "a" * 63,
@@ -66,11 +66,11 @@ def test_plain_addresses_take_the_fast_path_with_email_validators_result(text):
     ],
 )
 def test_addresses_are_normalised_the_same_way_on_either_path(text, expected):
-    assert _parse_address(text, False, "recipient").address == expected
+    assert parse_address(text, smtputf8=False, role="recipient").address == expected
 
 
 @pytest.mark.parametrize("text", ["a..b@example.com", ".a@example.com", "a@example", "a@example.local", "a@-x.com",
                                   "a@123", "a@" + "b" * 64 + ".com", "a" * 250 + "@example.com"])
 def test_bad_addresses_are_refused_with_a_syntax_reply(text):
     with pytest.raises(AddressError, match="553 5.1.3"):
-        _parse_address(text, False, "recipient")
+        parse_address(text, smtputf8=False, role="recipient")
