@@ -39,6 +39,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import logging
+import random
 import socket
 import ssl
 import tempfile
@@ -135,6 +136,29 @@ def free_port_on(ips: list[str] | tuple[str, ...]) -> int:
             if all(_port_is_free(ip, port) for ip in ips[1:]):
                 return port
     raise RuntimeError(f"no TCP port free on all of {ips} after {PORT_ATTEMPTS} attempts")
+
+
+def free_consecutive_ports_on(ips: list[str] | tuple[str, ...], count: int) -> int:
+    """The first of `count` consecutive TCP ports free on every one of the given addresses (for `mtad run
+    --workers N`, whose worker k listens on the configured port + k).
+
+    Chosen below the kernel's ephemeral range: a port next to one the kernel handed out is in that range, where
+    any outgoing connection (the daemon's own, to its sinks) may take it as its source port before the worker
+    binds it, and the worker then fails with EADDRINUSE."""
+    low, _ = _ephemeral_port_range()
+    candidates = random.Random().sample(range(10000, max(10001, low - count)), PORT_ATTEMPTS)
+    for first in candidates:
+        if all(_port_is_free(ip, port) for ip in ips for port in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive TCP ports free on all of {ips} after {PORT_ATTEMPTS} attempts")
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _port_is_free(ip: str, port: int) -> bool:

@@ -254,11 +254,11 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
 ):
     import aiohttp
 
-    from mtad.simulate.smtp_sink import free_port_on
+    from mtad.simulate.smtp_sink import free_consecutive_ports_on, free_port_on
     from support.daemon import SubmissionLoad
 
     shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 4, "initial_destination_concurrency": 4})
-    smtp_port, http_port = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
+    smtp_port, http_port = free_port_on(["127.0.0.1"]), free_consecutive_ports_on(["127.0.0.1"], 2)
     document = delivering_process_document(db_url, tmp_path / "state", world, shaping, queue={"poll_interval": "200ms"})
     document["submission"] = {"listen": [f"127.0.0.1:{smtp_port}"], "implicit_tls_listen": []}
     document["http"] = {"listen": [f"127.0.0.1:{http_port}"]}
@@ -266,7 +266,7 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
     supervisor = DaemonProcess(write_config(tmp_path / "mtad.toml", document))
     try:
         await asyncio.to_thread(supervisor.start)
-        assert await until(lambda: live_nodes_are(pool, 2), timeout_s=20)
+        assert await until(lambda: live_nodes_are(pool, 2), timeout_s=20), supervisor.log_tail()
 
         # Both workers answer on the one submission port (the kernel spreads 16 sessions over them); each
         # serves its own metrics on the HTTP port + its worker number.

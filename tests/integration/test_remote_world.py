@@ -6,7 +6,9 @@ If these pass, a delivery test that fails is about mtad, not about its fake inte
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+from pathlib import Path
 
 import aiosmtplib
 import dns.asyncresolver
@@ -15,7 +17,7 @@ import dns.resolver
 import pytest
 from mtad.simulate.dns_server import FakeDNS
 from mtad.simulate.remote_world import RemoteWorld
-from mtad.simulate.smtp_sink import SinkBehaviour, SmtpSink, free_port_on
+from mtad.simulate.smtp_sink import SinkBehaviour, SmtpSink, free_consecutive_ports_on, free_port_on
 
 
 MESSAGE = b"From: news@acme.example\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n" + b"body line\r\n" * 200
@@ -359,6 +361,22 @@ async def test_sinks_on_different_addresses_share_one_port():
     finally:
         for each in sinks:
             await each.stop()
+
+
+def test_consecutive_ports_are_free_and_outside_the_range_outgoing_connections_take_theirs_from():
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = free_consecutive_ports_on(["127.0.0.1", "127.0.0.2"], 3)
+    assert first + 3 <= ephemeral_low
+    listeners = []
+    try:
+        for ip in ("127.0.0.1", "127.0.0.2"):
+            for port in range(first, first + 3):
+                listener = socket.socket()
+                listeners.append(listener)
+                listener.bind((ip, port))
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 # ---- the world ------------------------------------------------------------------------------------------------

@@ -98,9 +98,13 @@ class DaemonProcess:
                     self.ports = [int(address.rsplit(":", 1)[1]) for address in event["listening"]]
                     return
             if self.process.poll() is not None:
-                raise RuntimeError(f"mtad exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"mtad exited with {self.process.returncode}: {self.log_tail()}")
             time.sleep(0.05)
-        raise TimeoutError(f"mtad did not become ready: {self.log_path.read_text()[-2000:]}")
+        raise TimeoutError(f"mtad did not become ready: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the daemon's log, for an assertion's message."""
+        return self.log_path.read_text()[-chars:] if self.log_path is not None and self.log_path.exists() else ""
 
     def events(self) -> list[dict]:
         if self.log_path is None or not self.log_path.exists():
