@@ -266,7 +266,11 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
     supervisor = DaemonProcess(write_config(tmp_path / "mtad.toml", document))
     try:
         await asyncio.to_thread(supervisor.start)
-        assert await until(lambda: live_nodes_are(pool, 2), timeout_s=20), supervisor.log_tail()
+        # Every worker listening (the supervisor's workers.ready: each said READY=1, which comes after its SMTP
+        # listener), not just both registered as nodes, which they do before they listen.
+        workers_ready = lambda: any(e.get("event") == "workers.ready" for e in supervisor.events())  # noqa: E731
+        assert await until(workers_ready, timeout_s=20), supervisor.log_tail()
+        assert await live_nodes_are(pool, 2)
 
         # Both workers answer on the one submission port (the kernel spreads 16 sessions over them); each
         # serves its own metrics on the HTTP port + its worker number.
