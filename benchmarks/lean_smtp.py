@@ -21,9 +21,10 @@ PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8 (like smtp-sink), HELO
 NOOP, QUIT; 502 for anything else. `LeanSink` starts and reads it from the benchmark's process.
 
 Injector, in the benchmark's process: `inject()` opens plain SMTP sessions (no TLS, no AUTH) past EHLO before
-the clock starts, then each session takes the next message and sends MAIL, RCPT, DATA waiting for each reply
-(no pipelining: mtad's listener does not offer it, and both MTAs must be driven alike), then the dot-stuffed
-content, and counts the final reply.
+the clock starts, then each session takes the next message and sends MAIL, RCPT, DATA waiting for each reply,
+then the dot-stuffed content, and counts the final reply. With `pipelining=True` a session whose server offers
+PIPELINING (RFC 2920; Postfix and mtad both do) sends MAIL, RCPT and DATA in one write, as Postfix's own smtp
+client does, and reads their three replies before the content.
 
 Standard library only (uvloop when installed), so the sink process starts quickly and stays small.
 """
@@ -364,6 +365,7 @@ class Injection:
     elapsed: float = 0.0
     timed_out: bool = False
     accepted_at: list[float] = field(default_factory=list)  # time.time() of each 250
+    pipelined: int = 0  # transactions whose MAIL, RCPT and DATA went in one write
 
     def refuse(self, key: str) -> None:
         self.refused[key] = self.refused.get(key, 0) + 1
@@ -396,8 +398,10 @@ class InjectorSession(asyncio.Protocol):
     it, which writes the next command. The coroutine that drives the session awaits one future per
     operation (connect, one message, QUIT), not one per reply."""
 
-    def __init__(self, helo: str) -> None:
+    def __init__(self, helo: str, pipelining: bool = False) -> None:
         self.helo = helo.encode()
+        self.pipelining = pipelining  # wanted; used once the server's EHLO offered it
+        self.server_pipelines = False
         self.transport: asyncio.Transport | None = None
         self.replies = bytearray()
         self.loop = asyncio.get_running_loop()
@@ -432,6 +436,8 @@ class InjectorSession(asyncio.Protocol):
                 return
             line = bytes(self.replies[:newline + 1])
             del self.replies[:newline + 1]
+            if line[4:].strip().upper() == b"PIPELINING":
+                self.server_pipelines = True  # an EHLO keyword line
             if line[3:4] == b"-":
                 continue  # a line of a multi-line reply: the last one carries the outcome
             step, self.step = self.step, None
@@ -495,7 +501,11 @@ class InjectorSession(asyncio.Protocol):
         self.refused_code = 0
         self.rcpt_line = b"RCPT TO:<" + recipient.encode() + b">\r\n"
         self.payload = data_payload(message)
-        self.expect(self.after_mail, b"MAIL FROM:<" + sender.encode() + b">\r\n")
+        mail_line = b"MAIL FROM:<" + sender.encode() + b">\r\n"
+        if self.pipelining and self.server_pipelines:
+            self.expect(self.pipelined_after_mail, mail_line + self.rcpt_line + b"DATA\r\n")
+        else:
+            self.expect(self.after_mail, mail_line)
         return self.done
 
     def after_mail(self, code: int, line: bytes) -> None:
@@ -522,6 +532,25 @@ class InjectorSession(asyncio.Protocol):
         if code == 421:  # the server is closing the session; the next message reconnects
             self.closed = True
             self.transport.close()
+
+    # -- one message, pipelined: MAIL, RCPT and DATA went in one write; their replies come one by one
+
+    def pipelined_after_mail(self, code: int, line: bytes) -> None:
+        self.refused_code = 0 if code // 100 == 2 else code
+        self.step = self.pipelined_after_rcpt
+
+    def pipelined_after_rcpt(self, code: int, line: bytes) -> None:
+        if code // 100 != 2 and not self.refused_code:
+            self.refused_code = code
+        self.step = self.pipelined_after_data
+
+    def pipelined_after_data(self, code: int, line: bytes) -> None:
+        if code == 354 and not self.refused_code:
+            self.after_data(code, line)
+        elif code == 354:  # accepted DATA of a transaction already refused: end it empty (RFC 2920 3.1)
+            self.expect(lambda _code, _line: self.refused(self.refused_code, line), b".\r\n")
+        else:
+            self.refused(self.refused_code or code, line)
 
     def refused(self, code: int, line: bytes) -> None:
         """Refused before the content: RSET, so the next message starts a clean transaction. A 421 closes
@@ -554,7 +583,7 @@ MessageProducer = Callable[[float], bytes]  # the X-Bench-Sent stamp -> the mess
 async def inject(port: int, messages: Sequence[tuple[str, str, MessageProducer]], clients: int,
                  result: Injection, on_connected: Callable[[], None] = lambda: None, *, time_limit: float,
                  host: str = "127.0.0.1", helo: str = "bench.client", reply_timeout_s: float = 30,
-                 setup_timeout_s: float = 60) -> None:
+                 setup_timeout_s: float = 60, pipelining: bool = False) -> None:
     """Send `messages` (sender, recipient, producer) over `clients` sessions; fill `result`.
 
     The sessions are connected and past EHLO before `on_connected()` starts the clock. Each session then takes
@@ -567,7 +596,7 @@ async def inject(port: int, messages: Sequence[tuple[str, str, MessageProducer]]
     live: set[InjectorSession] = set()
 
     async def open_session() -> InjectorSession:
-        _, session = await loop.create_connection(lambda: InjectorSession(helo), host, port)
+        _, session = await loop.create_connection(lambda: InjectorSession(helo, pipelining), host, port)
         live.add(session)
         await session.done
         return session
@@ -593,6 +622,8 @@ async def inject(port: int, messages: Sequence[tuple[str, str, MessageProducer]]
                 sent = time.time()
                 if not result.first_sent:
                     result.first_sent = sent
+                if session.pipelining and session.server_pipelines:
+                    result.pipelined += 1
                 code = await session.transaction(sender, recipient, produce(sent))
             except (OSError, TimeoutError, SMTPReplyError) as exc:
                 result.refuse(type(exc).__name__)

@@ -218,6 +218,14 @@ class RecordingHandler:
         return "221 Bye"
 
 
+class PipeliningHandler(RecordingHandler):
+    """The same, offering PIPELINING (aiosmtpd reads commands in order, so it copes with pipelined input)."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 async def aiosmtpd_server(handler: RecordingHandler) -> tuple[asyncio.Server, int]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: AiosmtpdServer(handler, hostname="aiosmtpd.test"), "127.0.0.1", 0)
@@ -231,17 +239,20 @@ def workload(count: int) -> list[tuple[str, str, lean_smtp.MessageProducer]]:
             for i in range(count)]
 
 
-async def test_injector_delivers_every_message_intact_to_aiosmtpd() -> None:
-    handler = RecordingHandler()
+@pytest.mark.parametrize("handler_class, pipelining", [(RecordingHandler, False), (PipeliningHandler, True),
+                                                     (RecordingHandler, True)], ids=["lockstep", "pipelined", "not-offered"])
+async def test_injector_delivers_every_message_intact_to_aiosmtpd(handler_class, pipelining) -> None:
+    handler = handler_class()
     server, port = await aiosmtpd_server(handler)
     connected_at: list[float] = []
     result = lean_smtp.Injection()
     try:
         await lean_smtp.inject(port, workload(60), 4, result, lambda: connected_at.append(time.time()),
-                               time_limit=30)
+                               time_limit=30, pipelining=pipelining)
     finally:
         server.close()
     assert result.accepted == 60 and result.refused == {} and not result.timed_out
+    assert result.pipelined == (60 if handler_class is PipeliningHandler else 0)
     assert len(result.accepted_at) == 60 and result.elapsed > 0
     assert len(connected_at) == 1 and connected_at[0] <= result.first_sent
     assert handler.quits == 4  # every session ended with QUIT
@@ -256,15 +267,18 @@ async def test_injector_delivers_every_message_intact_to_aiosmtpd() -> None:
     assert sorted(by_id) == list(range(60))
 
 
-async def test_injector_counts_refusals_and_replaces_a_silent_session() -> None:
-    handler = RecordingHandler(refuse={"reader3@rcpt.example", "reader7@rcpt.example"}, stall_ids={5}, stall_s=2)
+@pytest.mark.parametrize("handler_class, pipelining", [(RecordingHandler, False), (PipeliningHandler, True)],
+                         ids=["lockstep", "pipelined"])
+async def test_injector_counts_refusals_and_replaces_a_silent_session(handler_class, pipelining) -> None:
+    handler = handler_class(refuse={"reader3@rcpt.example", "reader7@rcpt.example"}, stall_ids={5}, stall_s=2)
     server, port = await aiosmtpd_server(handler)
     result = lean_smtp.Injection()
     try:
-        await lean_smtp.inject(port, workload(20), 2, result, time_limit=30, reply_timeout_s=0.5)
+        await lean_smtp.inject(port, workload(20), 2, result, time_limit=30, reply_timeout_s=0.5,
+                               pipelining=pipelining)
     finally:
         server.close()
-    # 550 at RCPT: refused by code, the session goes on (RSET); no reply for 0.5 s: refused by the error,
+    # 550 at RCPT (pipelined: then 503 to DATA): refused by the RCPT's code, the session goes on (RSET); no reply for 0.5 s: refused by the error,
     # the connection is replaced for the next message
     assert result.refused == {"550": 2, "TimeoutError": 1}
     assert result.accepted == 17
@@ -342,6 +356,21 @@ async def test_injector_waits_for_each_reply_even_when_pipelining_is_offered() -
         server.close()
     assert result.accepted == 5 and result.refused == {}
     assert log["early"] == 0
+    assert log["commands"] == [b"EHLO"] + [b"MAIL", b"RCPT", b"DATA"] * 5 + [b"QUIT"]
+
+
+async def test_injector_pipelines_mail_rcpt_and_data_when_asked_and_offered_and_sends_content_after_354() -> None:
+    log = {"commands": [], "early": 0}
+    server = await asyncio.get_running_loop().create_server(lambda: LockstepCheckingServer(log), "127.0.0.1", 0)
+    result = lean_smtp.Injection()
+    try:
+        await lean_smtp.inject(server.sockets[0].getsockname()[1], workload(5), 1, result, time_limit=30,
+                               pipelining=True)
+    finally:
+        server.close()
+    assert result.accepted == 5 and result.refused == {} and result.pipelined == 5
+    assert log["early"] == 2 * 5  # RCPT and DATA came while the reply to MAIL was still owed
+    # no content line was taken for a command: the content waited for the 354
     assert log["commands"] == [b"EHLO"] + [b"MAIL", b"RCPT", b"DATA"] * 5 + [b"QUIT"]
 
 

@@ -33,7 +33,7 @@ def test_relay_benchmark_smoke(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib draws the plot: pip install -e '.[test]'")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTAD_")}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--messages", "200", "--clients", "4", "--pairs", "1",
-                             "--time-limit", "60", "--out", str(tmp_path)],
+                             "--time-limit", "60", "--pipelining", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -65,3 +65,5 @@ def test_relay_benchmark_smoke(tmp_path: Path) -> None:
         assert run["ok"], (mta, run["problems"])
         assert run["p99_ms"] is not None and run["cpu_s_per_1k"] > 0 and run["peak_rss_mb"] > 0
     assert runs["mtad"]["dkim_signed_pct"] == 100
+    assert "MAIL/RCPT/DATA pipelined" in report["injector"]
+    assert all(run["pipelined"] == 200 for run in runs.values())  # both MTAs offered PIPELINING and took it
