@@ -27,8 +27,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import AnyStr
@@ -127,25 +129,25 @@ class SubmissionSMTP(SMTP):
         self._held_replies.clear()
         await self._writer.drain()
 
-    async def smtp_MAIL(self, arg: str) -> None:
-        self._reply_may_wait = True
-        try:
-            await super().smtp_MAIL(arg)
-        finally:
-            self._reply_may_wait = False
+    # The overrides keep aiosmtpd's syntax attributes (functools.wraps), which its HELP lists commands by.
 
+    @functools.wraps(SMTP.smtp_MAIL)
+    async def smtp_MAIL(self, arg: str) -> None:
+        await self._reply_may_wait_for_the_next(super().smtp_MAIL, arg)
+
+    @functools.wraps(SMTP.smtp_RCPT)
     async def smtp_RCPT(self, arg: str) -> None:
         self.envelope.recipient_tried = True
-        self._reply_may_wait = True
-        try:
-            await super().smtp_RCPT(arg)
-        finally:
-            self._reply_may_wait = False
+        await self._reply_may_wait_for_the_next(super().smtp_RCPT, arg)
 
+    @functools.wraps(SMTP.smtp_RSET)
     async def smtp_RSET(self, arg: str) -> None:
+        await self._reply_may_wait_for_the_next(super().smtp_RSET, arg)
+
+    async def _reply_may_wait_for_the_next(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
         self._reply_may_wait = True
         try:
-            await super().smtp_RSET(arg)
+            await command(arg)
         finally:
             self._reply_may_wait = False
 
@@ -177,6 +179,7 @@ class SubmissionSMTP(SMTP):
         except (HeaderParseError, IndexError, ValueError):
             return None, None  # aiosmtpd answers 501/553 Syntax
 
+    @functools.wraps(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return

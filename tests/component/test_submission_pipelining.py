@@ -176,3 +176,13 @@ async def test_swaks_pipelining_over_starttls_and_auth_queues_a_message(daemon, 
     assert result.returncode == 0, result.stdout[-2000:]
     assert "queued as" in result.stdout
     assert await stored(pool) == [("globex", ["x@example.net", "y@example.org"])]
+
+
+async def test_help_still_lists_the_commands_mtad_overrides(daemon):
+    port, _ = ports_of(daemon)
+    reader, writer = await open_plain(port)
+    writer.write(b"EHLO client.test\r\nHELP\r\nHELP MAIL\r\n")
+    _, listed, mail = await replies(reader, 3)
+    assert {"DATA", "MAIL", "RCPT", "RSET", "NOOP", "QUIT"} <= set(listed.split(": ", 1)[1].split()), listed
+    assert mail.startswith("250 Syntax: MAIL FROM: <address>"), mail
+    writer.close()
