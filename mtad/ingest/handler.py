@@ -111,12 +111,13 @@ class SubmissionHandler:
         log_event(log, "auth.ok", tenant=tenant.name, client=self.privacy.client_ip(client))
         return "235 2.7.0 Authentication successful"
 
-    # -- MAIL / RCPT / DATA -------------------------------------------------------------------------
+    # -- EHLO ---------------------------------------------------------------------------------------
     async def handle_EHLO(self, server, session: SubmissionSession, envelope, hostname: str, responses: list[str]):
         """aiosmtpd's keywords and PIPELINING, which SubmissionSMTP implements (RFC 2920)."""
         session.host_name = hostname  # with this hook aiosmtpd leaves that to us
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
+    # -- MAIL / RCPT / DATA -------------------------------------------------------------------------
     async def handle_MAIL(self, server, session: SubmissionSession, envelope: SubmissionEnvelope, address, options):
         if self.draining:
             return SHUTTING_DOWN

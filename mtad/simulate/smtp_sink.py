@@ -145,20 +145,18 @@ def free_consecutive_ports_on(ips: list[str] | tuple[str, ...], count: int) -> i
     Chosen below the kernel's ephemeral range: a port next to one the kernel handed out is in that range, where
     any outgoing connection (the daemon's own, to its sinks) may take it as its source port before the worker
     binds it, and the worker then fails with EADDRINUSE."""
-    low, _ = _ephemeral_port_range()
-    candidates = random.Random().sample(range(10000, max(10001, low - count)), PORT_ATTEMPTS)
+    candidates = random.Random().sample(range(10000, max(10001, _lowest_ephemeral_port() - count)), PORT_ATTEMPTS)
     for first in candidates:
         if all(_port_is_free(ip, port) for ip in ips for port in range(first, first + count)):
             return first
     raise RuntimeError(f"no {count} consecutive TCP ports free on all of {ips} after {PORT_ATTEMPTS} attempts")
 
 
-def _ephemeral_port_range() -> tuple[int, int]:
+def _lowest_ephemeral_port() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _port_is_free(ip: str, port: int) -> bool:
