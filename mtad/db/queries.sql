@@ -122,6 +122,16 @@ RETURNING recipient_id;
 UPDATE recipients SET lease_expires_at = $3::timestamptz + make_interval(secs => $4::double precision)
 WHERE id = ANY ($1::bigint[]) AND lease_owner = $2;
 
+-- postpone --
+-- Give leases back without an attempt, each recipient due again at its own time: what a rate-limited site
+-- cannot send within the horizon, in the order it will get to it (mtad.schedule.engine). No event: nothing
+-- happened to the recipient, and a campaign's backlog would write one per recipient.
+UPDATE recipients AS r
+SET state = CASE WHEN r.attempts = 0 THEN 'queued' ELSE 'deferred' END,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = $2, next_attempt_at = p.at
+FROM unnest($3::bigint[], $4::timestamptz[]) AS p (id, at)
+WHERE r.id = ANY ($3::bigint[]) AND r.id = p.id AND r.lease_owner = $1;
+
 -- release --
 -- Give leases back without an attempt (shutdown, held too long in memory), due again at $4 if given.
 WITH released AS (

@@ -50,6 +50,10 @@ SITE_BACKOFF = Gauge(
     "Sites in each state (healthy, backoff, dead): 0 or 1 for a provider, a count for 'other'",
     ["provider", "site", "state"],
 )
+POSTPONED = Counter(
+    "mtad_delivery_postponed_total",
+    "Recipients a rate-limited site could not send within half a lease, put back in the queue until their turn",
+)
 CONNECTIONS_OPEN = Gauge("mtad_delivery_connections_open", "Outbound SMTP connections open, by provider", ["provider"])
 
 # -- queue --------------------------------------------------------------------------------------------

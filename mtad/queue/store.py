@@ -155,6 +155,12 @@ class QueueStore:
         rows = await self._pool.fetch(self._sql["release"], list(recipient_ids), owner, now, not_before)
         return {row["recipient_id"] for row in rows}
 
+    async def postpone(self, owner: str, turns: Sequence[tuple[int, datetime]], now: datetime) -> None:
+        """Give leases back without an attempt, each recipient due again at its own time."""
+        await self._pool.execute(
+            self._sql["postpone"], owner, now, [recipient_id for recipient_id, _ in turns], [at for _, at in turns]
+        )
+
     async def release_owner(self, owner: str, now: datetime) -> int:
         """Give back every lease `owner` still holds (a clean stop); returns how many."""
         return len(await self._pool.fetch(self._sql["release_owner"], owner, now))

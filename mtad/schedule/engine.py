@@ -1,6 +1,7 @@
 """The scheduler as a pure engine (OpenSMTPD's scheduler backend, h11's next_event): no await, `now` passed in.
 
-In:  `add(shape, route, claims, now)` leased recipients, grouped by destination site;
+In:  `add(shape, route, claims, now, horizon_s)` leased recipients, grouped by destination site; what a
+     rate-limited site cannot send within the horizon comes back out, each with the time its turn is expected;
      `finish(dispatch, feedback, now)` after each delivery attempt.
 Out: `next_dispatches(now)`: transactions that may start now: one message to one site, its recipients at
      that site grouped up to `max_recipients_per_transaction`; `next_wakeup(now)`: when to ask again.
@@ -8,7 +9,12 @@ Invariants:
 - never more dispatches in flight to a site than its window allows, never faster than its message rate;
 - sites take turns (round robin), so one huge domain cannot starve the others;
 - everything held is bounded by what the runner claims (`held` recipients), so memory stays flat however
-  large the queue in PostgreSQL grows.
+  large the queue in PostgreSQL grows;
+- a rate-limited site holds no more than it can send within the horizon: a backlog beyond that would fill the
+  held set and keep the head of the queue, and every other site's mail (a password reset to a small domain
+  behind a campaign to a throttled provider) would wait for it. The rest is put back in the queue in the
+  order the site will get to it, each recipient once (`_Site.postponed_until` continues where the last
+  batch ended).
 Cluster: with `shared_rates` on (more than one live node) a rate-limited site also needs a token of the
 cluster's bucket for it: `tokens_wanted(now)` says which sites need how many, the runner takes them from
 PostgreSQL and `grant`s them. A dispatch that found no free cluster-wide connection slot caps its site at
@@ -18,6 +24,7 @@ what is in flight for `slot_retry_s`; a throttle another node met backs this nod
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +81,7 @@ class _Site:
     slot_cap: int | None = None  # no free connection slot: no more in flight than this until slot_cap_until
     slot_cap_until: float = 0.0
     cluster_tokens: int = 0  # granted from the cluster's bucket of this site, not yet used
+    postponed_until: float = 0.0  # the expected turn of the last recipient put back for later
 
     def concurrency(self, now: float) -> int:
         allowed = self.window.concurrency(now)
@@ -112,10 +120,32 @@ class Scheduler:
         self._remote_throttles: dict[str, tuple[float, str]] = {}  # sites not held here yet: (when, error)
         self.held = 0  # recipients pending or in flight
 
-    def add(self, shape: SiteShape, route: Route, claims: list[Claim], now: float) -> None:
+    def add(
+        self,
+        shape: SiteShape,
+        route: Route,
+        claims: list[Claim],
+        now: float,
+        horizon_s: float | None = None,
+        max_held: int | None = None,
+    ) -> list[tuple[Claim, float]]:
+        """Hold `claims` for their site. With a horizon, a rate-limited site keeps only what it can send within
+        `horizon_s` at its current rate, and never more than `max_held`; the others are returned with the time
+        (like `now`) their turn is expected, for the caller to put back in the queue until then."""
         site = self._site(shape, now)
+        later: list[tuple[Claim, float]] = []
+        if horizon_s is not None and site.message_rate is not None:
+            rate = site.message_rate.rate_per_s * site.window.rate_scale
+            holds = math.ceil(rate * horizon_s) if max_held is None else min(max_held, math.ceil(rate * horizon_s))
+            room = max(0, holds - len(site.pending) - site.in_flight)
+            if len(claims) > room:
+                claims, beyond = claims[:room], claims[room:]
+                turn = max(site.postponed_until, now + (len(site.pending) + site.in_flight + room) / rate)
+                later = [(claim, turn + k / rate) for k, claim in enumerate(beyond)]
+                site.postponed_until = turn + len(beyond) / rate
         site.pending.extend(_Waiting(claim, route, now) for claim in claims)
         self.held += len(claims)
+        return later
 
     def _site(self, shape: SiteShape, now: float) -> _Site:
         site = self._sites.get(shape.site)

@@ -41,6 +41,7 @@ from mtad.observe.metrics import (
     CLUSTER_SLOT_WAITS,
     CLUSTER_SLOTS_HELD,
     DELIVERY_LATENCY,
+    POSTPONED,
     SESSION_FAILURES,
     SITE_BACKOFF,
     SITE_IN_FLIGHT,
@@ -165,6 +166,8 @@ class DeliveryRunner:
         routes = await asyncio.gather(*(self.resolver.route(d) for d in domains))
         rules = self.shaping()
         failed: list[Outcome] = []
+        later: list[tuple[Claim, float]] = []
+        now = time.monotonic()
         for domain, route in zip(domains, routes):
             if isinstance(route, RouteFailure):
                 failed += [self._outcome(c, route.reply) for c in by_domain[domain]]
@@ -172,9 +175,27 @@ class DeliveryRunner:
                     self.messages.release(claim.message_id)
                 continue
             shape = rules.shape_for(domain, route.host_names)
-            self.scheduler.add(shape, route, by_domain[domain], time.monotonic())
+            # Held longer than half a lease, recipients are handed back anyway (_hand_back): that is the horizon.
+            # Half of what the node holds at most: the other half stays for the sites behind it in the queue.
+            later += self.scheduler.add(shape, route, by_domain[domain], now, horizon_s=self.lease_s / 2,
+                                        max_held=self.settings.max_active_recipients // 2)
+        if later:
+            self._spawn(self._postpone(later, now))
         if failed:
             await self.writer.record(failed)
+
+    async def _postpone(self, later: list[tuple[Claim, float]], now: float) -> None:
+        """Put recipients a rate-limited site cannot send soon back in the queue until their expected turn."""
+        for claim, _ in later:
+            self.messages.release(claim.message_id)
+        wall = _utcnow()
+        try:
+            await self.store.postpone(
+                self.claimer.owner, [(c.recipient_id, wall + timedelta(seconds=turn - now)) for c, turn in later], wall
+            )
+        except DATABASE_UNAVAILABLE:
+            return  # the leases expire and are reclaimed
+        POSTPONED.inc(len(later))
 
     # -- dispatching --------------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:

@@ -104,6 +104,64 @@ async def test_max_message_rate_is_respected_within_ten_percent(db_url, tenants,
     assert 9.0 <= rate <= 11.0, rate
 
 
+async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites(db_url, tenants, pool, world, tmp_path):
+    # 300 recipients at a.example (2 messages/s) are queued before one at b.example. The daemon holds at most
+    # 40 recipients: a.example's backlog in queue order used to fill them all, and b.example's message waited
+    # for a.example to send ~270 of its own (over two minutes).
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 2, "initial_destination_concurrency": 2},
+                            domain={"a.example": {"max_message_rate": "2/s"}})
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(300)])
+    await queue_messages(pool, [["first@b.example"]])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=40)
+    try:
+        started = time.monotonic()
+        await world.sinks["mx-b"].wait_for_messages(1, timeout_s=15)
+        waited_s = time.monotonic() - started
+        # a.example's backlog went back to the queue spread over the time the site needs for it, 2 a second,
+        # each recipient due once at its turn: not all due again at once
+        rows = await until(lambda: pool.fetch(
+            "SELECT extract(epoch FROM next_attempt_at - now()) AS due_in_s FROM recipients"
+            " WHERE domain = 'a.example' AND state = 'queued' AND next_attempt_at > now() + interval '20 seconds'"
+            " ORDER BY next_attempt_at"), timeout_s=10)
+        delivered_at_a = len(world.sinks["mx-a"].messages)
+    finally:
+        await daemon.stop()
+    assert waited_s < 10, waited_s
+    assert delivered_at_a < 60  # b.example did not wait for a.example's backlog
+    due_in_s = [float(r["due_in_s"]) for r in rows]
+    assert len(due_in_s) > 200 and due_in_s[-1] > 100  # up to ~150 s out
+    spread = (due_in_s[-1] - due_in_s[0]) / (len(due_in_s) - 1)
+    assert 0.4 <= spread <= 0.6, spread  # one every 1/rate
+    states_now = await states(pool)
+    assert states_now.get("active", 0) == 0 and sum(states_now.values()) == 301  # nothing lost on the way
+
+
+async def test_recipients_put_back_for_their_turn_are_each_delivered_once_at_the_sites_rate(
+    db_url, tenants, pool, world, tmp_path
+):
+    from mtad.observe.metrics import POSTPONED
+
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 5, "initial_destination_concurrency": 5},
+                            domain={"a.example": {"max_message_rate": "10/s"}})
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(40)])
+    postponed_before = POSTPONED._value.get()
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=10)
+    try:
+        messages = await world.sinks["mx-a"].wait_for_messages(40, timeout_s=20)
+        assert await until(lambda: all_delivered(pool, 40), timeout_s=10)
+    finally:
+        await daemon.stop()
+    assert POSTPONED._value.get() - postponed_before >= 30  # at most 5 held (half of 10), the rest put back
+    received = sorted(rcpt for m in messages for rcpt in m.rcpt_tos)
+    assert received == sorted(f"r{n}@a.example" for n in range(40))  # each once
+    times = sorted(m.received_at for m in messages)
+    assert (len(times) - 1) / (times[-1] - times[0]) <= 11.0  # never faster than the site's rate
+
+
+async def all_delivered(pool, n: int) -> bool:
+    return await pool.fetchval("SELECT count(*) FROM recipients WHERE state = 'delivered'") == n
+
+
 async def test_a_dead_site_does_not_slow_delivery_to_other_sites(db_url, tenants, pool, world, tmp_path):
     shaping = write_shaping(tmp_path / "shaping.toml", {"dead_for": "30s"})
     await world.sinks["mx-c"].stop()  # c.example's MX refuses connections

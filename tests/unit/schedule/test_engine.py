@@ -150,3 +150,46 @@ def test_a_throttle_told_before_this_node_holds_the_site_applies_when_it_comes_w
     later.throttled_elsewhere("b", 10.0, "421")
     later.add(shape("b", backoff_for_s=30), ROUTE, claims(2, 1), 50.0)  # long after: nothing to remember
     assert later.site_states(50.0)[0].health == "healthy"
+
+
+def test_a_rate_limited_site_holds_what_it_can_send_within_the_horizon_and_the_rest_gets_turns_in_order():
+    scheduler = Scheduler()
+    slow = shape("slow", max_message_rate=2, connection_limit=5, initial_destination_concurrency=5)
+    later = scheduler.add(slow, ROUTE, [c for m in range(1, 31) for c in claims(m, 1)], 100.0, horizon_s=10)
+    assert scheduler.held == 20  # 2/s for 10 s
+    turns = [turn for _, turn in later]
+    assert [c.message_id for c, _ in later] == list(range(21, 31))  # the newest go back, in claim order
+    assert turns == [100.0 + 20 / 2 + k / 2 for k in range(10)]  # after the 20 held, one every 1/rate
+    # the next batch queues behind those already put back: each recipient gets its own turn once
+    again = scheduler.add(slow, ROUTE, claims(40, 3), 100.0, horizon_s=10)
+    assert [turn for _, turn in again] == [115.0, 115.5, 116.0]
+    assert scheduler.held == 20
+
+
+def test_sites_without_a_message_rate_and_calls_without_a_horizon_hold_everything():
+    scheduler = Scheduler()
+    fast = shape("fast", connection_limit=5, initial_destination_concurrency=5)
+    assert scheduler.add(fast, ROUTE, [c for m in range(1, 500) for c in claims(m, 1)], 0, horizon_s=1) == []
+    assert scheduler.add(shape("slow", max_message_rate=1), ROUTE, claims(600, 50), 0) == []
+    assert scheduler.held == 499 + 50
+
+
+def test_a_site_in_backoff_holds_less_because_its_rate_is_scaled_down():
+    scheduler = Scheduler()
+    slow = shape("slow", max_message_rate=10, connection_limit=5, initial_destination_concurrency=5,
+                 backoff_for_s=60)
+    scheduler.add(slow, ROUTE, claims(1, 1), 0)
+    [dispatch] = scheduler.next_dispatches(0)
+    scheduler.finish(dispatch, Feedback.THROTTLED, 0)  # halves the rate scale
+    later = scheduler.add(slow, ROUTE, [c for m in range(2, 40) for c in claims(m, 1)], 1.0, horizon_s=2)
+    assert scheduler.held == 10  # 5/s for 2 s
+    assert later[0][1] == 1.0 + 10 / 5
+
+
+def test_a_rate_limited_site_never_holds_more_than_max_held():
+    scheduler = Scheduler()
+    slow = shape("slow", max_message_rate=100, connection_limit=5, initial_destination_concurrency=5)
+    later = scheduler.add(slow, ROUTE, [c for m in range(1, 101) for c in claims(m, 1)], 0.0, horizon_s=60,
+                          max_held=40)
+    assert scheduler.held == 40 and len(later) == 60
+    assert later[0][1] == 40 / 100
