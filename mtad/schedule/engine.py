@@ -113,7 +113,6 @@ class Scheduler:
         self._one_recipient = one_recipient_per_transaction
         self._slot_retry_s = slot_retry_s
         self.shared_rates = False
-        self.rate_share = 1.0  # with shared rates: this node's expected part of a site's rate (1 / live nodes)
         self._sites: dict[str, _Site] = {}
         self._rotation: deque[str] = deque()
         self._ids = itertools.count(1)
@@ -136,8 +135,10 @@ class Scheduler:
         site = self._site(shape, now)
         later: list[tuple[Claim, float]] = []
         if horizon_s is not None and site.message_rate is not None:
-            share = self.rate_share if self.shared_rates else 1.0
-            rate = site.message_rate.rate_per_s * site.window.rate_scale * share
+            # The site's whole rate, also when nodes share it: which node gets how much of it changes from
+            # moment to moment, and a recipient back too early is only put back again, while one back too
+            # late leaves the site idle.
+            rate = site.message_rate.rate_per_s * site.window.rate_scale
             holds = math.ceil(rate * horizon_s) if max_held is None else min(max_held, math.ceil(rate * horizon_s))
             room = max(0, holds - len(site.pending) - site.in_flight)
             if len(claims) > room:

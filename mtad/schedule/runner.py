@@ -251,7 +251,6 @@ class DeliveryRunner:
     def live_nodes_changed(self, live: int) -> None:
         # Message rates alone need no database while this node is alone; connection rates are split evenly.
         self.scheduler.shared_rates = live > 1 and self.rate_tokens is not None
-        self.scheduler.rate_share = 1.0 / max(1, live)
         self.pool.rate_share = 1.0 / max(1, live)
 
     async def _take_rate_tokens(self) -> None:
