@@ -175,9 +175,9 @@ class DeliveryRunner:
                     self.messages.release(claim.message_id)
                 continue
             shape = rules.shape_for(domain, route.host_names)
-            # Held longer than half a lease, recipients are handed back anyway (_hand_back): that is the horizon.
-            # Half of what the node holds at most: the other half stays for the sites behind it in the queue.
-            later += self.scheduler.add(shape, route, by_domain[domain], now, horizon_s=self.lease_s / 2,
+            # The horizon: a quarter lease, well inside the half lease after which held recipients are handed
+            # back anyway (_hand_back). Half of what the node holds at most: the rest stays for the sites behind.
+            later += self.scheduler.add(shape, route, by_domain[domain], now, horizon_s=self.lease_s / 4,
                                         max_held=self.settings.max_active_recipients // 2)
         if later:
             self._spawn(self._postpone(later, now))
