@@ -138,7 +138,9 @@ class Scheduler:
             # The site's whole rate, also when nodes share it: which node gets how much of it changes from
             # moment to moment, and a recipient back too early is only put back again, while one back too
             # late leaves the site idle.
-            rate = site.message_rate.rate_per_s * site.window.rate_scale
+            # The rate counts transactions; one can carry several recipients of a message (this batch's mix).
+            per_transaction = self._recipients_per_transaction(shape, claims)
+            rate = site.message_rate.rate_per_s * site.window.rate_scale * per_transaction  # recipients/s
             holds = math.ceil(rate * horizon_s) if max_held is None else min(max_held, math.ceil(rate * horizon_s))
             room = max(0, holds - len(site.pending) - site.in_flight)
             if len(claims) > room:
@@ -149,6 +151,16 @@ class Scheduler:
         site.pending.extend(_Waiting(claim, route, now) for claim in claims)
         self.held += len(claims)
         return later
+
+    def _recipients_per_transaction(self, shape: SiteShape, claims: list[Claim]) -> float:
+        """How many of `claims` one transaction carries on average, grouped as `_take_dispatch` groups them."""
+        limit = shape.limits.max_recipients_per_transaction
+        transactions, in_this, previous = 0, 0, None
+        for claim in claims:
+            if claim.message_id != previous or in_this >= limit or self._one_recipient(claim):
+                transactions, in_this, previous = transactions + 1, 0, claim.message_id
+            in_this += 1
+        return len(claims) / transactions if transactions else 1.0
 
     def _site(self, shape: SiteShape, now: float) -> _Site:
         site = self._sites.get(shape.site)

@@ -104,7 +104,9 @@ async def test_max_message_rate_is_respected_within_ten_percent(db_url, tenants,
     assert 9.0 <= rate <= 11.0, rate
 
 
-async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites(db_url, tenants, pool, world, tmp_path):
+async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites(
+    db_url, tenants, pool, world, tmp_path
+):
     # 300 recipients at a.example (2 messages/s) are queued before one at b.example. The daemon holds at most
     # 40 recipients: a.example's backlog in queue order used to fill them all, and b.example's message waited
     # for a.example to send ~270 of its own (over two minutes).

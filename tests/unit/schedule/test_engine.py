@@ -161,7 +161,7 @@ def test_a_rate_limited_site_holds_what_it_can_send_within_the_horizon_and_the_r
     assert [c.message_id for c, _ in later] == list(range(21, 31))  # the newest go back, in claim order
     assert turns == [100.0 + 20 / 2 + k / 2 for k in range(10)]  # after the 20 held, one every 1/rate
     # the next batch queues behind those already put back: each recipient gets its own turn once
-    again = scheduler.add(slow, ROUTE, claims(40, 3), 100.0, horizon_s=10)
+    again = scheduler.add(slow, ROUTE, [c for m in range(40, 43) for c in claims(m, 1)], 100.0, horizon_s=10)
     assert [turn for _, turn in again] == [115.0, 115.5, 116.0]
     assert scheduler.held == 20
 
@@ -202,3 +202,15 @@ def test_with_shared_rates_a_node_still_plans_with_the_sites_whole_rate():
     slow = shape("slow", max_message_rate=4, connection_limit=5, initial_destination_concurrency=5)
     later = scheduler.add(slow, ROUTE, [c for m in range(1, 51) for c in claims(m, 1)], 0.0, horizon_s=10)
     assert scheduler.held == 40 and [turn for _, turn in later[:2]] == [10.0, 10.25]
+
+
+def test_recipients_that_share_transactions_count_as_one_message_against_the_rate():
+    scheduler = Scheduler()
+    slow = shape("slow", max_message_rate=2, max_recipients_per_transaction=10)
+    later = scheduler.add(slow, ROUTE, claims(1, 300), 0.0, horizon_s=10)  # one message, 300 recipients
+    assert scheduler.held == 200  # 2 transactions/s of 10 recipients for 10 s
+    assert [turn for _, turn in later[:2]] == [10.0, 10.05]
+    # copies that differ per recipient (marketing) go one per transaction
+    per_recipient = Scheduler(one_recipient_per_transaction=lambda claim: True)
+    per_recipient.add(slow, ROUTE, claims(2, 300), 0.0, horizon_s=10)
+    assert per_recipient.held == 20
