@@ -7,6 +7,10 @@ keep site limits for all of them together. SMTP listeners (submission and feedba
 SO_REUSEPORT, the kernel spreading connections; worker k's HTTP listeners (metrics, health, unsubscribe
 pages) are on the configured port + k, so Prometheus scrapes each worker as its own instance.
 
+SO_REUSEPORT also lets any other process of the same user share those ports: a second `mtad run --workers N`
+started by mistake would silently take half the connections. So the supervisor first binds each shared port
+without SO_REUSEPORT (and lets go at once), and refuses to start if one is already in use.
+
 Signals: TERM and INT stop every worker (each drains as a single daemon does), HUP is passed on for a
 reload. A worker that dies on its own is restarted after a backoff. Under systemd the workers' READY=1 go
 to the supervisor's own notify socket, and the supervisor says READY=1 once every worker has.
@@ -59,6 +63,29 @@ def shifted_port(address: str, by: int) -> str:
     return address if by == 0 or port == "0" else f"{host}:{int(port) + by}"
 
 
+def shared_listen_addresses(settings: Settings) -> list[str]:
+    """The SMTP listeners the workers share through SO_REUSEPORT (port 0 is each worker's own pick)."""
+    addresses = (*settings.submission.listen, *settings.submission.implicit_tls_listen, *settings.feedback.listen)
+    return [address for address in addresses if not address.endswith(":0")]
+
+
+def ports_in_use(addresses: list[str]) -> list[str]:
+    """Those of `addresses` that a plain bind (no SO_REUSEPORT) finds taken."""
+    from mtad.ingest.server import parse_listen_address
+
+    taken = []
+    for address in addresses:
+        host, port = parse_listen_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners: TIME_WAIT is no owner
+            try:
+                probe.bind((host, port))
+            except OSError:
+                taken.append(address)
+    return taken
+
+
 class Supervisor:
     def __init__(self, settings: Settings, config_path: Path | None, workers: int) -> None:
         self.settings = settings
@@ -73,6 +100,11 @@ class Supervisor:
     async def run(self) -> int:
         from mtad.app import prepare_database  # the daemon's own start-up, without the rest of the app
 
+        taken = ports_in_use(shared_listen_addresses(self.settings))
+        if taken:
+            log_event(log, "workers.address_in_use", logging.ERROR, addresses=taken)
+            print(f"mtad: {', '.join(taken)} already in use (another mtad running?)", file=sys.stderr)
+            return 1
         cluster = await prepare_database(self.settings)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

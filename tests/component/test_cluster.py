@@ -264,6 +264,7 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
     document["http"] = {"listen": [f"127.0.0.1:{http_port}"]}
     document["cluster"] = {**CLUSTER, "workers": 2}
     supervisor = DaemonProcess(write_config(tmp_path / "mtad.toml", document))
+    second = DaemonProcess(write_config(tmp_path / "second.toml", {**document, "state_dir": str(tmp_path / "s2")}))
     try:
         await asyncio.to_thread(supervisor.start)
         # Every worker listening (the supervisor's workers.ready: each said READY=1, which comes after its SMTP
@@ -271,6 +272,10 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
         workers_ready = lambda: any(e.get("event") == "workers.ready" for e in supervisor.events())  # noqa: E731
         assert await until(workers_ready, timeout_s=20), supervisor.log_tail()
         assert await live_nodes_are(pool, 2)
+        # A second supervisor of the same config would share the ports through SO_REUSEPORT: it refuses.
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{smtp_port} already in use"):
+            await asyncio.to_thread(second.start)
+        assert second.process.returncode == 1
 
         # Both workers answer on the one submission port (the kernel spreads 16 sessions over them); each
         # serves its own metrics on the HTTP port + its worker number.
@@ -299,6 +304,7 @@ async def test_run_with_two_workers_shares_the_listeners_and_restarts_a_worker_t
         assert await pool.fetchval("SELECT count(*) FROM nodes") == 0  # both workers left cleanly
     finally:
         supervisor.kill()
+        second.kill()
 
 
 async def replaced(pool, victim: str) -> bool:
