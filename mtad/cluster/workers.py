@@ -19,6 +19,7 @@ to the supervisor's own notify socket, and the supervisor says READY=1 once ever
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -81,8 +82,9 @@ def ports_in_use(addresses: list[str]) -> list[str]:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners: TIME_WAIT is no owner
             try:
                 probe.bind((host, port))
-            except OSError:
-                taken.append(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:  # anything else, the workers' own bind reports
+                    taken.append(address)
     return taken
 
 
