@@ -141,7 +141,7 @@ class Scheduler:
             # The rate counts transactions; one can carry several recipients of a message (this batch's mix).
             per_transaction = self._recipients_per_transaction(shape, claims)
             rate = site.message_rate.rate_per_s * site.window.rate_scale * per_transaction  # recipients/s
-            holds = math.ceil(rate * horizon_s) if max_held is None else min(max_held, math.ceil(rate * horizon_s))
+            holds = min(math.ceil(rate * horizon_s), max_held if max_held is not None else math.inf)
             room = max(0, holds - len(site.pending) - site.in_flight)
             if len(claims) > room:
                 claims, beyond = claims[:room], claims[room:]

@@ -57,7 +57,12 @@ def record_writes(daemon) -> list[bytes]:
     [session] = daemon.listeners.sessions
     writes: list[bytes] = []
     write = session.transport.write
-    session.transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]
+
+    def recorded(data: bytes) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    session.transport.write = recorded
     return writes
 
 
