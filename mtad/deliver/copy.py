@@ -7,19 +7,20 @@
   (`b-TOKEN@bounce-domain`), so a bounce that comes back later is tied to exactly one recipient.
 - Transactional mail is the same for every recipient: it is signed once per message and the signed bytes
   are cached; a marketing copy is signed once per recipient (the one header that differs is signed).
-- Signing runs on a thread of its own: the RSA private-key operation (~0.34 ms for 2048 bits on the 2-core
-  benchmark VM, ~15 % of the daemon's CPU in a py-spy profile of benchmarks/relay.py) releases the GIL,
-  so it runs on the second core while the event loop goes on with other sessions.
+- Signing runs on the event loop. The RSA private-key operation (~0.25 ms for 2048 bits on the 2-core
+  benchmark VM) releases the GIL, and it used to run on a thread of its own; but mtad runs one worker per
+  core (`mtad run --workers`), so the other core is busy anyway, and the hand-off (a future per copy, a
+  wake-up of the thread and of the loop, the GIL passed back and forth) cost more than the overlap gained:
+  perf counted the signing thread at 0.35 ms of CPU per message, 0.1 ms above the RSA itself, and
+  benchmarks/relay.py (see benchmarks/README.md) got faster without it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,22 +59,21 @@ class CopyMaker:
         self._addressing = addressing
         self._signer = signer
         self._signed: OrderedDict[int, bytes] = OrderedDict()
-        self._signing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dkim-sign")
 
     def one_recipient_per_copy(self, claim: Claim) -> bool:
         return claim.message_class is MessageClass.MARKETING or bool(self._addressing.bounce_domain)
 
-    async def make(self, message: StoredMessage, claim: Claim) -> OutgoingCopy:
+    def make(self, message: StoredMessage, claim: Claim) -> OutgoingCopy:
         """The copy for `claim`'s recipient (and, for transactional mail without VERP, for its co-recipients)."""
         addressing = self._addressing
         mail_from = message.mail_from
         if addressing.bounce_domain:
             mail_from = verp_address(addressing.key, claim.tenant_id, claim.recipient_id, addressing.bounce_domain)
         if message.message_class is MessageClass.MARKETING:
-            return OutgoingCopy(mail_from, await self._sign(self._with_unsubscribe(message, claim)))
+            return OutgoingCopy(mail_from, self._sign(self._with_unsubscribe(message, claim)))
         signed = self._signed.get(message.id)
         if signed is None:
-            signed = await self._sign(message.body)
+            signed = self._sign(message.body)
             self._signed[message.id] = signed
             while len(self._signed) > _SIGNED_CACHE_ENTRIES:
                 self._signed.popitem(last=False)
@@ -91,7 +91,7 @@ class CopyMaker:
         ).encode("ascii")
         return added + message.body
 
-    async def _sign(self, data: bytes) -> bytes:
+    def _sign(self, data: bytes) -> bytes:
         signer = self._signer()
         if signer is None:
             return data
@@ -102,9 +102,7 @@ class CopyMaker:
             return data
         try:
             with DKIM_SIGN.time():
-                signature = await asyncio.get_running_loop().run_in_executor(
-                    self._signing, signer.sign, data, key_domain, int(time.time())
-                )
+                signature = signer.sign(data, key_domain, int(time.time()))
             return signature + data
         except ValueError as exc:  # cannot happen for mail stored by ingest (CRLF-normalised); say so if it does
             log_event(log, "dkim.sign_failed", logging.ERROR, domain=key_domain, error=str(exc))

@@ -325,7 +325,7 @@ class DeliveryRunner:
             return
         if message is None:
             raise LookupError(f"message {dispatch.message_id} of leased recipients is gone")
-        copy = await self.copies.make(message, dispatch.claims[0])
+        copy = self.copies.make(message, dispatch.claims[0])
         by_id = {c.recipient_id: c for c in dispatch.claims}
         for _ in range(2):  # a pooled connection found dead at its RSET probe is replaced once
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -49,6 +50,20 @@ async def test_a_submission_is_stored_once_with_one_row_per_recipient(pool):
     assert await states(pool) == {a: "queued" for a in ("a@x.example", "b@y.example", "c@x.example")}
     body = await pool.fetchval("SELECT body FROM messages WHERE queue_id = 'Q1'")
     assert body == b"From: news@acme.example\r\n\r\nhello\r\n"
+
+
+async def test_a_large_body_is_stored_lz4_compressed_and_read_back_unchanged(pool):
+    store = QueueStore(pool)
+    tenant = await make_tenant(pool)
+    html = b"".join(b'<tr><td class="cell">row %d of the newsletter</td></tr>\r\n' % n for n in range(400))
+    body = b"From: news@acme.example\r\n\r\n" + html
+    await store.insert_submission(dataclasses.replace(submission(tenant, "Q1", ["a@x.example"]), body=body))
+    stored = await pool.fetchrow(
+        "SELECT body, pg_column_compression(body) AS method, pg_column_size(body) AS size FROM messages"
+    )
+    assert stored["body"] == body
+    assert stored["method"] == "lz4"
+    assert stored["size"] < len(body) / 3
 
 
 async def test_a_failing_submission_leaves_nothing_behind(pool):
