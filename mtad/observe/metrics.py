@@ -52,7 +52,7 @@ SITE_BACKOFF = Gauge(
 )
 POSTPONED = Counter(
     "mtad_delivery_postponed_total",
-    "Recipients a rate-limited site could not send within a quarter lease, put back in the queue until their turn",
+    "Recipients their site could not send within a quarter lease, put back in the queue until their turn",
 )
 CONNECTIONS_OPEN = Gauge("mtad_delivery_connections_open", "Outbound SMTP connections open, by provider", ["provider"])
 

@@ -1,7 +1,7 @@
 """The scheduler as a pure engine (OpenSMTPD's scheduler backend, h11's next_event): no await, `now` passed in.
 
 In:  `add(shape, route, claims, now, horizon_s)` leased recipients, grouped by destination site; what a
-     rate-limited site cannot send within the horizon comes back out, each with the time its turn is expected;
+     site cannot send within the horizon comes back out, each with the time its turn is expected;
      `finish(dispatch, feedback, now)` after each delivery attempt.
 Out: `next_dispatches(now)`: transactions that may start now: one message to one site, its recipients at
      that site grouped up to `max_recipients_per_transaction`; `next_wakeup(now)`: when to ask again.
@@ -10,11 +10,17 @@ Invariants:
 - sites take turns (round robin), so one huge domain cannot starve the others;
 - everything held is bounded by what the runner claims (`held` recipients), so memory stays flat however
   large the queue in PostgreSQL grows;
-- a rate-limited site holds no more than it can send within the horizon: a backlog beyond that would fill the
-  held set and keep the head of the queue, and every other site's mail (a password reset to a small domain
-  behind a campaign to a throttled provider) would wait for it. The rest is put back in the queue in the
-  order the site will get to it, each recipient once (`_Site.postponed_until` continues where the last
-  batch ended).
+- a site holds no more than it can send within the horizon: a backlog beyond that would fill the held set
+  and keep the head of the queue, and every other site's mail (a password reset to a small domain behind a
+  campaign to a throttled provider, or to a slow MX that takes seconds per message) would wait for it. What a
+  site can send is the smaller of its message rate, if it has one, and what its connections manage:
+  `connection_limit` transactions at a time, each as long as its recent ones (`_Site.transaction_s`, a moving
+  average). The rest is put back in the queue in the order the site will get to it, each recipient once
+  (`_Site.postponed_until` continues where the last batch ended). Before a site without a message rate has
+  finished a transaction its speed is unknown: it holds at most `max_held`, and what is beyond comes back
+  after one horizon, to be planned at the speed it showed by then. After that, no cap of `max_held` on such a
+  site: a deep queue to one fast relay (every domain routed through a smarthost) would have much of it put
+  back, one more write each.
 Cluster: with `shared_rates` on (more than one live node) a rate-limited site also needs a token of the
 cluster's bucket for it: `tokens_wanted(now)` says which sites need how many, the runner takes them from
 PostgreSQL and `grant`s them. A dispatch that found no free cluster-wide connection slot caps its site at
@@ -82,6 +88,15 @@ class _Site:
     slot_cap_until: float = 0.0
     cluster_tokens: int = 0  # granted from the cluster's bucket of this site, not yet used
     postponed_until: float = 0.0  # the expected turn of the last recipient put back for later
+    transaction_s: float | None = None  # moving average of how long its transactions take, once one finished
+
+    def note_transaction(self, took_s: float) -> None:
+        """A moving average of transaction times; one stall counts for at most 4 times the average so far, so
+        that a single hiccup does not spread the site's next backlog far into the future."""
+        if self.transaction_s is None:
+            self.transaction_s = took_s
+        else:
+            self.transaction_s = 0.8 * self.transaction_s + 0.2 * min(took_s, 4 * self.transaction_s)
 
     def concurrency(self, now: float) -> int:
         allowed = self.window.concurrency(now)
@@ -129,28 +144,44 @@ class Scheduler:
         horizon_s: float | None = None,
         max_held: int | None = None,
     ) -> list[tuple[Claim, float]]:
-        """Hold `claims` for their site. With a horizon, a rate-limited site keeps only what it can send within
-        `horizon_s` at its current rate, and never more than `max_held`; the others are returned with the time
-        (like `now`) their turn is expected, for the caller to put back in the queue until then."""
+        """Hold `claims` for their site. With a horizon, a site keeps only what it can send within `horizon_s`
+        (`_sending_rate`), a rate-limited one, or one whose speed is not known yet, never more than `max_held`;
+        the others are returned with the time (like `now`) their turn is expected, for the caller to put back
+        in the queue."""
         site = self._site(shape, now)
         later: list[tuple[Claim, float]] = []
-        if horizon_s is not None and site.message_rate is not None:
-            # The site's whole rate, also when nodes share it: which node gets how much of it changes from
-            # moment to moment, and a recipient back too early is only put back again, while one back too
-            # late leaves the site idle.
-            # The rate counts transactions; one can carry several recipients of a message (this batch's mix).
-            per_transaction = self._recipients_per_transaction(shape, claims)
-            rate = site.message_rate.rate_per_s * site.window.rate_scale * per_transaction  # recipients/s
-            holds = min(math.ceil(rate * horizon_s), max_held if max_held is not None else math.inf)
+        rate = self._sending_rate(site, shape, claims) if horizon_s is not None else None  # recipients/s
+        if rate is not None:
+            holds = math.ceil(rate * horizon_s)
+            if site.message_rate is not None and max_held is not None:
+                holds = min(holds, max_held)
             room = max(0, holds - len(site.pending) - site.in_flight)
             if len(claims) > room:
                 claims, beyond = claims[:room], claims[room:]
                 turn = max(site.postponed_until, now + (len(site.pending) + site.in_flight + room) / rate)
                 later = [(claim, turn + k / rate) for k, claim in enumerate(beyond)]
                 site.postponed_until = turn + len(beyond) / rate
+        elif horizon_s is not None and max_held is not None:  # its speed is not known yet
+            room = max(0, max_held - len(site.pending) - site.in_flight)
+            claims, beyond = claims[:room], claims[room:]
+            later = [(claim, now + horizon_s) for claim in beyond]  # planned again then, at the speed it showed
         site.pending.extend(_Waiting(claim, route, now) for claim in claims)
         self.held += len(claims)
         return later
+
+    def _sending_rate(self, site: _Site, shape: SiteShape, claims: list[Claim]) -> float | None:
+        """Recipients per second the site takes: the smaller of its message rate and what its connections
+        manage; None when it has no message rate and no transaction has finished yet. The site's whole rate,
+        also when nodes share it: which node gets how much of it changes from moment to moment, and a recipient
+        back too early is only put back again, while one back too late leaves the site idle. Rates count
+        transactions; one carries several recipients of a message (this batch's mix)."""
+        per_transaction = self._recipients_per_transaction(shape, claims) * site.window.rate_scale
+        rates = []
+        if site.message_rate is not None:
+            rates.append(site.message_rate.rate_per_s * per_transaction)
+        if site.transaction_s is not None:
+            rates.append(shape.limits.connection_limit * per_transaction / max(site.transaction_s, 0.001))
+        return min(rates) if rates else None
 
     def _recipients_per_transaction(self, shape: SiteShape, claims: list[Claim]) -> float:
         """How many of `claims` one transaction carries on average, grouped as `_take_dispatch` groups them."""
@@ -229,14 +260,24 @@ class Scheduler:
         return ids
 
     def finish(
-        self, dispatch: Dispatch, feedback: Feedback, now: float, error: str | None = None, held: int | None = None
+        self,
+        dispatch: Dispatch,
+        feedback: Feedback,
+        now: float,
+        error: str | None = None,
+        held: int | None = None,
+        took_s: float | None = None,
     ) -> None:
         """The attempt is over and its outcomes recorded; its recipients are no longer held.
-        `held`: how many the dispatch had when it was taken, if the caller dropped some before the attempt."""
+        `held`: how many the dispatch had when it was taken, if the caller dropped some before the attempt.
+        `took_s`: how long the SMTP transaction took (with the connection, if one had to be opened; not what
+        came before or after it, such as recording the outcome, which waits out a database outage)."""
         site = self._sites[dispatch.site]
         site.in_flight -= 1
         self._in_flight.pop(dispatch.id, None)
         self.held -= len(dispatch.claims) if held is None else held
+        if took_s is not None and feedback in (Feedback.DELIVERED, Feedback.RECIPIENT_ONLY):
+            site.note_transaction(max(0.0, took_s))
         if feedback is Feedback.DELIVERED:
             site.window.on_success(now)
         elif feedback is Feedback.SESSION_FAILED:

@@ -185,7 +185,7 @@ class DeliveryRunner:
             await self.writer.record(failed)
 
     async def _postpone(self, later: list[tuple[Claim, float]], now: float) -> None:
-        """Put recipients a rate-limited site cannot send soon back in the queue until their expected turn."""
+        """Put recipients their site cannot send soon back in the queue until their expected turn."""
         for claim, _ in later:
             self.messages.release(claim.message_id)
         wall = _utcnow()
@@ -327,6 +327,7 @@ class DeliveryRunner:
             raise LookupError(f"message {dispatch.message_id} of leased recipients is gone")
         copy = self.copies.make(message, dispatch.claims[0])
         by_id = {c.recipient_id: c for c in dispatch.claims}
+        smtp_started = time.monotonic()
         for _ in range(2):  # a pooled connection found dead at its RSET probe is replaced once
             try:
                 conn = await self.pool.acquire(dispatch.shape, dispatch.route)
@@ -366,6 +367,7 @@ class DeliveryRunner:
             self.messages.release(dispatch.message_id, dropped)
             self._wake.set()
             return
+        smtp_took_s = time.monotonic() - smtp_started
         SUPPRESSED_BEFORE_ATTEMPT.inc(len(result.withdrawn))
         max_open = self.scheduler.concurrency_of(dispatch.site, time.monotonic())
         await self.pool.release(dispatch.shape, conn, reusable=result.reusable, max_open=max_open)
@@ -388,7 +390,9 @@ class DeliveryRunner:
             feedback, error = Feedback.DELIVERED, None
         else:
             feedback, error = Feedback.RECIPIENT_ONLY, None
-        self.scheduler.finish(dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + dropped)
+        self.scheduler.finish(
+            dispatch, feedback, time.monotonic(), error, held=len(dispatch.claims) + dropped, took_s=smtp_took_s
+        )
         self.messages.release(dispatch.message_id, len(dispatch.claims) + dropped)
         self._room.set()
         self._wake.set()

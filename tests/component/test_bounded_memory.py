@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from support.daemon import PASSWORD, DaemonProcess, daemon_document, write_config
+from support.daemon import PASSWORD, DaemonProcess, daemon_document, write_config, write_shaping
 from support.smtp_client import RawSMTP
 
 from mtad.simulate.smtp_sink import SmtpSink
@@ -197,17 +197,19 @@ async def stop_and_requeue(daemon: DaemonProcess, conn: asyncpg.Connection) -> N
 async def test_the_daemon_holds_at_most_max_active_recipients_and_its_memory_does_not_grow_with_depth(
         db_url, tenants, tmp_path):
     # The sink never greets: every delivery stalls, so the scheduler fills up to its bound and stays there.
+    # Each domain is a site of its own (a site whose speed is not known yet holds at most half of the bound).
+    domains = [f"d{n}.example" for n in range(100)]
+    shaping = write_shaping(tmp_path / "shaping.toml", domain={d: {"connection_limit": 20} for d in domains})
     async with SmtpSink("127.0.0.2", 0, stall_greeting_s=600) as sink:
         document = daemon_document(db_url, tmp_path)
         # write_config writes inline-table keys bare, and "*" is only valid TOML quoted.
         document["delivery"] = {"routes": {"*": f"127.0.0.2:{sink.port}"}, "max_active_recipients": MAX_ACTIVE,
-                                "connect_timeout": "120s", "command_timeout": "120s"}
+                                "connect_timeout": "120s", "command_timeout": "120s", "shaping_file": str(shaping)}
         document["queue"] = {"poll_interval": "200ms", "lease": "300s", "reclaim_interval": "300s"}
         daemon = DaemonProcess(write_config(tmp_path / "mtad.toml", document))
         conn = await asyncpg.connect(db_url)
         try:
             tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = 'acme'")
-            domains = [f"d{n}.example" for n in range(100)]
 
             async def preload(recipients: int, tag: str) -> None:
                 await preload_queue(conn, tenant_id=tenant_id, mail_from="news@acme.example", recipients=recipients,

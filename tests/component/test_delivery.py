@@ -138,6 +138,36 @@ async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites
     assert states_now.get("active", 0) == 0 and sum(states_now.values()) == 301  # nothing lost on the way
 
 
+async def test_a_slow_mx_without_a_message_rate_does_not_hold_up_mail_to_other_sites(
+    db_url, tenants, pool, world, tmp_path
+):
+    # a.example's MX takes a second to answer each message and allows two sessions: 2 messages/s. Its 300
+    # recipients are queued before one at b.example; the daemon holds at most 40. Without a cap on what a site
+    # without a message rate holds, a.example's backlog filled all 40 in queue order, again and again, and
+    # b.example's message waited until recipients held too long (half the 30 s lease) were handed back.
+    world.sinks["mx-a"].behaviour = SinkBehaviour(stall_after_data_s=1.0)
+    shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 2, "initial_destination_concurrency": 2})
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(300)])
+    await queue_messages(pool, [["first@b.example"]])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=40)
+    try:
+        started = time.monotonic()
+        await world.sinks["mx-b"].wait_for_messages(1, timeout_s=20)
+        waited_s = time.monotonic() - started
+        await world.sinks["mx-a"].wait_for_messages(20, timeout_s=20)  # a.example goes on at its own pace
+        put_back = await pool.fetchval(
+            "SELECT count(*) FROM recipients WHERE domain = 'a.example' AND state = 'queued'"
+            " AND next_attempt_at > now()")
+    finally:
+        await daemon.stop()
+    assert waited_s < 5, waited_s
+    assert put_back > 200  # waiting in PostgreSQL for their turn, not in the daemon's memory
+    states_now = await states(pool)
+    assert states_now.get("active", 0) == 0 and sum(states_now.values()) == 301  # nothing lost on the way
+    received = [rcpt for m in world.sinks["mx-a"].messages for rcpt in m.rcpt_tos]
+    assert len(received) == len(set(received))  # none twice
+
+
 async def test_recipients_put_back_for_their_turn_are_each_delivered_once_at_the_sites_rate(
     db_url, tenants, pool, world, tmp_path
 ):

@@ -214,3 +214,74 @@ def test_recipients_that_share_transactions_count_as_one_message_against_the_rat
     per_recipient = Scheduler(one_recipient_per_transaction=lambda claim: True)
     per_recipient.add(slow, ROUTE, claims(2, 300), 0.0, horizon_s=10)
     assert per_recipient.held == 20
+
+
+def finish_transactions(scheduler: Scheduler, site: SiteShape, count: int, took_s: float, start: float = 0.0) -> None:
+    """`count` one-recipient transactions at `site`, each taking `took_s`: the scheduler learns its speed."""
+    scheduler.add(site, ROUTE, [c for m in range(900, 900 + count) for c in claims(m, 1)], start)
+    for dispatch in scheduler.next_dispatches(start):
+        scheduler.finish(dispatch, Feedback.DELIVERED, start + took_s + 30, took_s=took_s)  # +30: recording it
+
+
+def test_a_slow_site_without_a_message_rate_holds_what_its_connections_send_within_the_horizon():
+    # a slow MX: 2 s per message, 2 connections: 1 recipient/s, so 10 s of its backlog is 10 recipients
+    scheduler = Scheduler()
+    slow = shape("slow", connection_limit=2, initial_destination_concurrency=2)
+    finish_transactions(scheduler, slow, 2, took_s=2.0)
+    assert scheduler.held == 0
+    later = scheduler.add(slow, ROUTE, [c for m in range(1, 31) for c in claims(m, 1)], 10.0, horizon_s=10,
+                          max_held=1000)
+    assert scheduler.held == 10
+    assert [c.message_id for c, _ in later] == list(range(11, 31))
+    assert [turn for _, turn in later[:3]] == [20.0, 21.0, 22.0]  # after the 10 held, one a second
+
+
+def test_the_speed_follows_the_recent_transactions():
+    scheduler = Scheduler()
+    site = shape("mx", connection_limit=1, initial_destination_concurrency=1)
+    finish_transactions(scheduler, site, 1, took_s=1.0)
+    for n in range(30):  # it got faster: 0.1 s per transaction
+        scheduler.add(site, ROUTE, claims(500 + n, 1), 10.0 + n)
+        [dispatch] = scheduler.next_dispatches(10.0 + n)
+        scheduler.finish(dispatch, Feedback.DELIVERED, 10.1 + n, took_s=0.1)
+    scheduler.add(site, ROUTE, [c for m in range(1, 101) for c in claims(m, 1)], 50.0, horizon_s=5)
+    assert 45 <= scheduler.held <= 55  # ~10/s for 5 s
+
+
+def test_a_fast_site_is_not_capped_by_max_held_once_its_speed_is_known():
+    # every domain routed through one relay: capping it would put back much of a deep queue, a write each
+    scheduler = Scheduler()
+    relay = shape("relay", connection_limit=20, initial_destination_concurrency=20)
+    finish_transactions(scheduler, relay, 5, took_s=0.02)
+    later = scheduler.add(relay, ROUTE, [c for m in range(1, 3001) for c in claims(m, 1)], 1.0, horizon_s=75,
+                          max_held=500)
+    assert later == [] and scheduler.held == 3000
+
+
+def test_a_site_whose_speed_is_not_known_yet_holds_at_most_max_held_and_the_rest_comes_back_after_the_horizon():
+    scheduler = Scheduler()
+    unknown = shape("unknown", connection_limit=5, initial_destination_concurrency=5)
+    later = scheduler.add(unknown, ROUTE, [c for m in range(1, 101) for c in claims(m, 1)], 0.0, horizon_s=10,
+                          max_held=40)
+    assert scheduler.held == 40 and len(later) == 60
+    assert {turn for _, turn in later} == {10.0}  # planned again then, at the speed it will have shown
+    assert scheduler.add(unknown, ROUTE, claims(200, 5), 1.0, horizon_s=10, max_held=40) == [
+        (claim, 11.0) for claim in claims(200, 5)]
+
+
+def test_a_rate_limited_site_is_held_to_its_connections_when_they_are_slower_than_its_rate():
+    scheduler = Scheduler()
+    site = shape("slow", max_message_rate=100, connection_limit=2, initial_destination_concurrency=2)
+    finish_transactions(scheduler, site, 2, took_s=4.0)  # 2 connections, 4 s each: 0.5/s, far below 100/s
+    later = scheduler.add(site, ROUTE, [c for m in range(1, 21) for c in claims(m, 1)], 10.0, horizon_s=10,
+                          max_held=1000)
+    assert scheduler.held == 5 and later[0][1] == 20.0
+
+
+def test_one_stalled_transaction_does_not_make_a_site_look_slow_for_long():
+    scheduler = Scheduler()
+    site = shape("mx", connection_limit=1, initial_destination_concurrency=1)
+    finish_transactions(scheduler, site, 1, took_s=0.1)
+    finish_transactions(scheduler, site, 1, took_s=30.0, start=1.0)  # one hiccup: 300 times as long
+    scheduler.add(site, ROUTE, [c for m in range(1, 101) for c in claims(m, 1)], 50.0, horizon_s=10)
+    assert scheduler.held >= 50  # still ~6/s (0.16 s a transaction), not 1/6 s
