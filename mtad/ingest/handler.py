@@ -113,9 +113,10 @@ class SubmissionHandler:
 
     # -- EHLO ---------------------------------------------------------------------------------------
     async def handle_EHLO(self, server, session: SubmissionSession, envelope, hostname: str, responses: list[str]):
-        """aiosmtpd's keywords and PIPELINING, which SubmissionSMTP implements (RFC 2920)."""
+        """aiosmtpd's keywords, PIPELINING, which SubmissionSMTP implements (RFC 2920), and ENHANCEDSTATUSCODES
+        (RFC 2034: every reply but the greeting and HELO/EHLO's carries one, mtad.policy.replies)."""
         session.host_name = hostname  # with this hook aiosmtpd leaves that to us
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     # -- MAIL / RCPT / DATA -------------------------------------------------------------------------
     async def handle_MAIL(self, server, session: SubmissionSession, envelope: SubmissionEnvelope, address, options):

@@ -1,8 +1,9 @@
 """RFC 3463 enhanced status codes for the replies aiosmtpd writes itself ("503 Error: need RCPT command").
 
 mtad's own replies carry their enhanced code already; this gives every other 4xx/5xx one too, so a client
-always gets a machine-readable reason. 2xx and 3xx lines are left alone: the greeting, EHLO lines and the
-334/354 continuations take no enhanced code (RFC 2034 section 3).
+always gets a machine-readable reason, and aiosmtpd's own 2xx replies ("250 OK", "221 Bye", …) theirs, which
+is what lets submission advertise ENHANCEDSTATUSCODES (RFC 2034). The greeting, the HELO/EHLO lines and
+the 334/354 continuations take no enhanced code (RFC 2034 section 3): other 2xx and 3xx lines are left alone.
 """
 
 from __future__ import annotations
@@ -41,8 +42,16 @@ _BY_CODE = {
 }
 
 
+# aiosmtpd's own success replies (RSET, NOOP, QUIT, STARTTLS, HELP, VRFY), by their whole text or its start
+_SUCCESS_REPLIES = ("250 OK", "221 Bye", "220 Ready to start TLS")
+_SUCCESS_PREFIXES = ("250 Syntax: ", "250 Supported commands: ", "252 Cannot VRFY user")
+
+
 def with_enhanced_code(reply: str) -> str:
-    """'503 Error: need RCPT command' -> '503 5.5.1 Error: need RCPT command'; other lines unchanged."""
+    """'503 Error: need RCPT command' -> '503 5.5.1 Error: need RCPT command', '221 Bye' -> '221 2.0.0 Bye';
+    other lines unchanged."""
+    if reply in _SUCCESS_REPLIES or reply.startswith(_SUCCESS_PREFIXES):
+        return f"{reply[:3]} 2.0.0 {reply[4:]}"
     if len(reply) < 4 or reply[0] not in "45" or reply[3] not in " -" or _HAS_ENHANCED.match(reply):
         return reply
     code, separator, text = reply[:3], reply[3], reply[4:]

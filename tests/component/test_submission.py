@@ -9,7 +9,7 @@ import aiosmtplib
 import pytest
 
 from support.daemon import PASSWORD, ports_of
-from support.smtp_client import RawSMTP
+from support.smtp_client import RawSMTP, insecure_client_context
 
 MESSAGE = (
     b"From: Acme News <news@acme.example>\r\n"
@@ -246,6 +246,31 @@ async def test_bad_input_gets_replies_with_enhanced_codes_and_the_session_goes_o
         assert 500 <= code < 600 and re.match(r"^\d{3}[ -]5\.\d{1,3}\.\d{1,3} ", text), (command, text)
     assert (await client.command("NOOP"))[0] == 250
     await client.close()
+
+
+async def test_every_reply_but_the_greeting_and_ehlo_carries_an_enhanced_code_as_advertised(daemon):
+    # RFC 2034: a server that offers ENHANCEDSTATUSCODES puts one in every reply except the greeting and the
+    # replies to HELO and EHLO (aiosmtpd's own "250 OK", "221 Bye" … included).
+    port, _ = ports_of(daemon)
+    client, greeting = await RawSMTP.open(port)
+    code, ehlo = await client.command("EHLO client.test")
+    assert code == 250 and "250-ENHANCEDSTATUSCODES" in ehlo.splitlines()
+    replies = []
+    for command in ("NOOP", "RSET", "HELP", "HELP DATA", "VRFY <someone@example.net>", "STARTTLS"):
+        replies.append((command, *await client.command(command)))
+    await asyncio.wait_for(client.writer.start_tls(insecure_client_context()), 15)
+    await client.command("EHLO client.test")
+    replies.append(("AUTH", *await client.login("acme", PASSWORD)))
+    for command in ("MAIL FROM:<news@acme.example>", "RCPT TO:<r@example.net>", "DATA", MESSAGE + b".",
+                    "RSET", "BOGUS", "QUIT"):
+        replies.append((command, *await client.command(command)))
+    await client.close()
+    for command, code, text in replies:
+        if code == 354:
+            continue  # a continuation, not a reply that ends a command (RFC 2034 section 3)
+        for line in text.splitlines():
+            assert re.match(rf"^{code}[ -][245]\.\d{{1,3}}\.\d{{1,3}} ", line), (command, line)
+            assert line[4] == str(code)[0], (command, line)  # the class of the code and of the enhanced code agree
 
 
 async def test_utf8_addresses_are_accepted_with_smtputf8(daemon, pool):

@@ -189,5 +189,5 @@ async def test_help_still_lists_the_commands_mtad_overrides(daemon):
     writer.write(b"EHLO client.test\r\nHELP\r\nHELP MAIL\r\n")
     _, listed, mail = await replies(reader, 3)
     assert {"DATA", "MAIL", "RCPT", "RSET", "NOOP", "QUIT"} <= set(listed.split(": ", 1)[1].split()), listed
-    assert mail.startswith("250 Syntax: MAIL FROM: <address>"), mail
+    assert mail.startswith("250 2.0.0 Syntax: MAIL FROM: <address>"), mail
     writer.close()

@@ -60,8 +60,14 @@ def test_queue_ids_are_16_chars_and_sort_by_time():
         ("552 Error: Too much mail data", "552 5.3.4 Error: Too much mail data"),
         ("500 Line too long (see RFC5321 4.5.3.1.6)", "500 5.6.0 Line too long (see RFC5321 4.5.3.1.6)"),
         ("530 5.7.0 Authentication required", "530 5.7.0 Authentication required"),
-        ("250 OK", "250 OK"),
+        ("250 OK", "250 2.0.0 OK"),
+        ("221 Bye", "221 2.0.0 Bye"),
+        ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
+        ("250 Supported commands: AUTH DATA", "250 2.0.0 Supported commands: AUTH DATA"),
+        ("220 mtad.example ESMTP mtad", "220 mtad.example ESMTP mtad"),  # the greeting takes none
+        ("250 mtad.example", "250 mtad.example"),  # nor the reply to HELO
         ("250-SIZE 1000", "250-SIZE 1000"),
+        ("250 HELP", "250 HELP"),
         ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
         ("421 Error: timeout", "421 4.3.2 Error: timeout"),
     ],
