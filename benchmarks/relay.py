@@ -4,6 +4,7 @@ Run:
     make bench                                            # 20,000 messages, 20 clients, 3 pairs
     .venv/bin/python benchmarks/relay.py --messages 5000 --pairs 2
     .venv/bin/python benchmarks/relay.py --messages 5000 --dual --out /tmp/relay   # RSA + Ed25519 in mtad
+    .venv/bin/python benchmarks/relay.py --mtad-only --pairs 1 --pg-stats   # + mtad's SQL per message
 
 Each pair runs A (mtad) then B (Postfix), each from nothing:
 
@@ -58,6 +59,8 @@ import threading
 import time
 from pathlib import Path
 
+import asyncpg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deliver  # noqa: E402  (keys, config, workload, process helpers)
 import lean_smtp  # noqa: E402  (the sink and the injector)
@@ -89,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG")
     parser.add_argument("--seed", type=int, default=1, help="seed of the recipient-domain draw (default 1)")
     parser.add_argument("--mtad-only", action="store_true", help="skip Postfix (also automatic without it)")
+    parser.add_argument("--pg-stats", action="store_true",
+                        help="load pg_stat_statements into mtad's PostgreSQL and report its statements per message")
     args = parser.parse_args(argv)
     if args.messages < 1 or args.pairs < 1 or args.size < 1024 or args.time_limit <= 0:
         parser.error("need --messages >= 1, --pairs >= 1, --size >= 1024, --time-limit > 0")
@@ -468,10 +473,12 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
     try:
         sink = lean_smtp.LeanSink(workdir, args.time_limit + 300)
         if mta == "mtad":
-            cluster = EmbeddedPostgres(workdir / "pg", durable=True)
+            cluster = EmbeddedPostgres(workdir / "pg", durable=True, extra_settings=PG_STATS if args.pg_stats else None)
             cluster.start(timeout_s=60)
             url = cluster.url()
             submit.run_async(submit.prepare_database(url))
+            if args.pg_stats:
+                submit.run_async(pg_statements(url, reset=True))
             keys = deliver.write_keys(workdir / "dkim", args.dual)
             daemon, port = submit.start_daemon(mtad_config(workdir, url, sink.port, args.workers), workdir / "mtad.log")
             postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
@@ -522,6 +529,8 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             extra["daemon_peak_rss_mb"] = round(submit.peak_rss_mb(daemon.pid), 1)
             if daemon.poll() is not None:
                 raise RuntimeError(f"mtad exited with {daemon.returncode} during the run")
+            if args.pg_stats:  # read before recipient_states, whose own query would show up
+                extra["pg_statements"] = submit.run_async(pg_statements(url))
             extra["states"] = submit.run_async(deliver.recipient_states(url))
             log_counts, examples = deliver.daemon_log_problems(workdir / "mtad.log")
             extra["daemon_warnings"] = sum(log_counts.values())
@@ -551,6 +560,30 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
                     if cluster.home != cluster.root and cluster.home.name.startswith("pg-"):
                         shutil.rmtree(cluster.home, ignore_errors=True)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+PG_STATS = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_statements.track": "all",
+            "pg_stat_statements.track_planning": "on"}
+PG_STATEMENTS_SHOWN = 12
+
+
+async def pg_statements(url: str, reset: bool = False) -> list[dict]:
+    """With reset: create the extension and zero it (the daemon's start-up is then left out). Else the
+    statements by execution time: calls, rows, execution and planning ms, and the query's first words."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        if reset:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await conn.execute("SELECT pg_stat_statements_reset()")
+            return []
+        rows = await conn.fetch(
+            "SELECT calls, rows, total_exec_time, total_plan_time, query FROM pg_stat_statements"
+            " WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT $1",
+            PG_STATEMENTS_SHOWN)
+    finally:
+        await conn.close()
+    return [{"calls": r["calls"], "rows": r["rows"], "exec_ms": round(r["total_exec_time"], 1),
+             "plan_ms": round(r["total_plan_time"], 1), "query": " ".join(r["query"].split())[:90]} for r in rows]
 
 
 def summarize(mta: str, args, injection: Injection, complete: bool, received: dict, cpu: float,
@@ -669,6 +702,9 @@ def markdown(report: dict) -> str:
         for r in ratios + [{"pair": "median", **report["ratio_median"]}]:
             lines.append(f"| {r['pair']} | " + " | ".join("n/a" if r.get(k) is None else str(r[k])
                                                           for k, _ in METRICS) + " |")
+    for run in runs:
+        if run.get("pg_statements"):
+            lines += pg_statements_table(run)
     if report.get("postfix_config"):
         lines += ["", "Postfix main.cf:", "", "```", report["postfix_config"].rstrip(), "```"]
     notes = sorted({note.split(": ", 1)[-1] for run in runs for note in run.get("postfix_log_notes", [])})
@@ -680,6 +716,17 @@ def markdown(report: dict) -> str:
     if problems:
         lines += ["", "Problems:", ""] + problems
     return "\n".join(lines) + "\n"
+
+
+def pg_statements_table(run: dict) -> list[str]:
+    """mtad's statements in one run, per message accepted (pg_stat_statements, from injection to the end)."""
+    per = max(1, run["accepted"])
+    lines = ["", f"PostgreSQL statements, mtad pair {run['pair']} (pg_stat_statements; per accepted message):", "",
+             "| calls/msg | rows/call | exec ms/msg | plan ms/msg | statement |", "|---:|---:|---:|---:|---|"]
+    for s in run["pg_statements"]:
+        lines.append(f"| {s['calls'] / per:.3f} | {s['rows'] / max(1, s['calls']):.1f} | {s['exec_ms'] / per:.4f} "
+                     f"| {s['plan_ms'] / per:.4f} | `{s['query'].replace('|', '/')}` |")
+    return lines
 
 
 def harness_text(run: dict) -> str:

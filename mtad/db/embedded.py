@@ -45,7 +45,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -121,8 +121,9 @@ def _socket_path_fits(run_dir: Path) -> bool:
     return len(os.fsencode(run_dir / ".s.PGSQL.65535")) <= SOCKET_PATH_MAX_BYTES
 
 
-def render_settings(*, port: int, socket_dir: Path, durable: bool) -> str:
-    """Text of data/mtad.conf. durable=False trades crash safety for speed (test suites only)."""
+def render_settings(*, port: int, socket_dir: Path, durable: bool, extra: Mapping[str, str] | None = None) -> str:
+    """Text of data/mtad.conf. durable=False trades crash safety for speed (test suites only). `extra`:
+    more settings as name -> value written as is (benchmarks/relay.py --pg-stats loads pg_stat_statements)."""
     lines = [
         "# Written by mtad (mtad/db/embedded.py) at every init/start; edits are overwritten.",
         "listen_addresses = '127.0.0.1'",
@@ -134,6 +135,7 @@ def render_settings(*, port: int, socket_dir: Path, durable: bool) -> str:
     ]
     if not durable:
         lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+    lines += [f"{name} = {value}" for name, value in (extra or {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +150,7 @@ class EmbeddedPostgres:
     """One cluster rooted at `root`; every method is idempotent and safe to call from a fresh process."""
 
     def __init__(self, root: Path, *, port: int = 0, durable: bool = True,
-                 database: str = "mtad", user: str = "mtad") -> None:
+                 database: str = "mtad", user: str = "mtad", extra_settings: Mapping[str, str] | None = None) -> None:
         for what, name in (("database", database), ("user", user)):
             if not _IDENTIFIER.match(name):
                 raise EmbeddedPostgresError(f"{what} name {name!r} must match {_IDENTIFIER.pattern}")
@@ -156,6 +158,7 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"port {port} is out of range")
         self.root = Path(root).resolve()
         self.durable = durable
+        self.extra_settings = dict(extra_settings or {})
         self.database = database
         self.user = user
         self._requested_port = port
@@ -370,7 +373,7 @@ class EmbeddedPostgres:
             with main_conf.open("a") as conf:
                 conf.write(f"\n# mtad's settings (listen address, port, socket, durability)\n{_INCLUDE_LINE}\n")
         ours = self.data_dir / "mtad.conf"
-        text = render_settings(port=port, socket_dir=self.socket_dir, durable=self.durable)
+        text = render_settings(port=port, socket_dir=self.socket_dir, durable=self.durable, extra=self.extra_settings)
         if not ours.is_file() or ours.read_text() != text:
             write_atomically(ours, text, 0o600)
             self._give_to_postgres(ours)

@@ -33,7 +33,7 @@ def test_relay_benchmark_smoke(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib draws the plot: pip install -e '.[test]'")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTAD_")}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--messages", "200", "--clients", "4", "--pairs", "1",
-                             "--time-limit", "60", "--pipelining", "--out", str(tmp_path)],
+                             "--time-limit", "60", "--pipelining", "--pg-stats", "--out", str(tmp_path)],
                             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -67,3 +67,8 @@ def test_relay_benchmark_smoke(tmp_path: Path) -> None:
     assert runs["mtad"]["dkim_signed_pct"] == 100
     assert "MAIL/RCPT/DATA pipelined" in report["injector"]
     assert all(run["pipelined"] == 200 for run in runs.values())  # both MTAs offered PIPELINING and took it
+    # --pg-stats: mtad's statements from PostgreSQL, the group-committed insert among them, in both reports
+    statements = runs["mtad"]["pg_statements"]
+    inserts = [s for s in statements if s["query"].startswith("WITH message AS ( INSERT INTO messages")]
+    assert inserts and 1 <= inserts[0]["calls"] <= 200, statements
+    assert "PostgreSQL statements, mtad pair 1" in reports[0].with_suffix(".md").read_text()
