@@ -104,6 +104,21 @@ async def test_max_message_rate_is_respected_within_ten_percent(db_url, tenants,
     assert 9.0 <= rate <= 11.0, rate
 
 
+async def backlog_at_a_then_one_at_b(db_url, pool, world, shaping, tmp_path, timeout_s: float):
+    """300 recipients at a.example queued before one at b.example, then a daemon that holds at most 40: the
+    daemon (still running) and how long b.example's message took to reach its sink."""
+    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(300)])
+    await queue_messages(pool, [["first@b.example"]])
+    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=40)
+    started = time.monotonic()
+    try:
+        await world.sinks["mx-b"].wait_for_messages(1, timeout_s=timeout_s)
+    except BaseException:
+        await daemon.stop()
+        raise
+    return daemon, time.monotonic() - started
+
+
 async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites(
     db_url, tenants, pool, world, tmp_path
 ):
@@ -112,13 +127,8 @@ async def test_a_rate_limited_sites_backlog_does_not_hold_up_mail_to_other_sites
     # for a.example to send ~270 of its own (over two minutes).
     shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 2, "initial_destination_concurrency": 2},
                             domain={"a.example": {"max_message_rate": "2/s"}})
-    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(300)])
-    await queue_messages(pool, [["first@b.example"]])
-    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=40)
+    daemon, waited_s = await backlog_at_a_then_one_at_b(db_url, pool, world, shaping, tmp_path, timeout_s=15)
     try:
-        started = time.monotonic()
-        await world.sinks["mx-b"].wait_for_messages(1, timeout_s=15)
-        waited_s = time.monotonic() - started
         # a.example's backlog went back to the queue spread over the time the site needs for it, 2 a second,
         # each recipient due once at its turn: not all due again at once
         rows = await until(lambda: pool.fetch(
@@ -143,17 +153,12 @@ async def test_a_slow_mx_without_a_message_rate_does_not_hold_up_mail_to_other_s
 ):
     # a.example's MX takes a second to answer each message and allows two sessions: 2 messages/s. Its 300
     # recipients are queued before one at b.example; the daemon holds at most 40. Without a cap on what a site
-    # without a message rate holds, a.example's backlog filled all 40 in queue order, again and again, and
-    # b.example's message waited until recipients held too long (half the 30 s lease) were handed back.
+    # without a message rate holds, a.example's backlog filled all 40 in queue order, and b.example's message
+    # had not arrived after 20 s.
     world.sinks["mx-a"].behaviour = SinkBehaviour(stall_after_data_s=1.0)
     shaping = write_shaping(tmp_path / "shaping.toml", {"connection_limit": 2, "initial_destination_concurrency": 2})
-    await queue_messages(pool, [[f"r{n}@a.example"] for n in range(300)])
-    await queue_messages(pool, [["first@b.example"]])
-    daemon = await start_delivering(db_url, tmp_path / "state", world, shaping, max_active_recipients=40)
+    daemon, waited_s = await backlog_at_a_then_one_at_b(db_url, pool, world, shaping, tmp_path, timeout_s=20)
     try:
-        started = time.monotonic()
-        await world.sinks["mx-b"].wait_for_messages(1, timeout_s=20)
-        waited_s = time.monotonic() - started
         await world.sinks["mx-a"].wait_for_messages(20, timeout_s=20)  # a.example goes on at its own pace
         put_back = await pool.fetchval(
             "SELECT count(*) FROM recipients WHERE domain = 'a.example' AND state = 'queued'"
