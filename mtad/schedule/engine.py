@@ -270,8 +270,8 @@ class Scheduler:
     ) -> None:
         """The attempt is over and its outcomes recorded; its recipients are no longer held.
         `held`: how many the dispatch had when it was taken, if the caller dropped some before the attempt.
-        `took_s`: how long the SMTP transaction took (with the connection, if one had to be opened; not what
-        came before or after it, such as recording the outcome, which waits out a database outage)."""
+        `took_s`: how long the SMTP transaction took on its connection (not opening the connection, which
+        `max_connection_rate` paces, nor recording the outcome, which waits out a database outage)."""
         site = self._sites[dispatch.site]
         site.in_flight -= 1
         self._in_flight.pop(dispatch.id, None)

@@ -327,7 +327,6 @@ class DeliveryRunner:
             raise LookupError(f"message {dispatch.message_id} of leased recipients is gone")
         copy = self.copies.make(message, dispatch.claims[0])
         by_id = {c.recipient_id: c for c in dispatch.claims}
-        smtp_started = time.monotonic()
         for _ in range(2):  # a pooled connection found dead at its RSET probe is replaced once
             try:
                 conn = await self.pool.acquire(dispatch.shape, dispatch.route)
@@ -347,6 +346,7 @@ class DeliveryRunner:
                     self.announce_throttle(dispatch.site, str(failure))
                 self._wake.set()
                 return
+            smtp_started = time.monotonic()  # the transaction alone: opening connections has limits of its own
             result = await run_transaction(
                 conn,
                 copy.mail_from,
