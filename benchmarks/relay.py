@@ -478,7 +478,7 @@ def run_once(mta: str, args: argparse.Namespace, recipients: list[str], progress
             url = cluster.url()
             submit.run_async(submit.prepare_database(url))
             if args.pg_stats:
-                submit.run_async(pg_statements(url, reset=True))
+                submit.run_async(reset_pg_statements(url))
             keys = deliver.write_keys(workdir / "dkim", args.dual)
             daemon, port = submit.start_daemon(mtad_config(workdir, url, sink.port, args.workers), workdir / "mtad.log")
             postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
@@ -567,15 +567,20 @@ PG_STATS = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_stateme
 PG_STATEMENTS_SHOWN = 12
 
 
-async def pg_statements(url: str, reset: bool = False) -> list[dict]:
-    """With reset: create the extension and zero it (the daemon's start-up is then left out). Else the
-    statements by execution time: calls, rows, execution and planning ms, and the query's first words."""
+async def reset_pg_statements(url: str) -> None:
+    """Create pg_stat_statements and zero it: the daemon's start-up is left out of what it reports."""
     conn = await asyncpg.connect(url, timeout=10)
     try:
-        if reset:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.execute("SELECT pg_stat_statements_reset()")
-            return []
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def pg_statements(url: str) -> list[dict]:
+    """The statements by execution time: calls, rows, execution and planning ms, and the query's first words."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
         rows = await conn.fetch(
             "SELECT calls, rows, total_exec_time, total_plan_time, query FROM pg_stat_statements"
             " WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time DESC LIMIT $1",

@@ -123,9 +123,10 @@ UPDATE recipients SET lease_expires_at = $3::timestamptz + make_interval(secs =>
 WHERE id = ANY ($1::bigint[]) AND lease_owner = $2;
 
 -- postpone --
--- Give leases back without an attempt, each recipient due again at its own time: what a rate-limited site
--- cannot send within the horizon, in the order it will get to it (mtad.schedule.engine). No event: nothing
--- happened to the recipient, and a campaign's backlog would write one per recipient.
+-- Give leases back without an attempt, each recipient due again at its own time: what a site cannot send
+-- within the horizon (at its rate, or at the speed of its connections), in the order it will get to it
+-- (mtad.schedule.engine). No event: nothing happened to the recipient, and a campaign's backlog would write
+-- one per recipient.
 UPDATE recipients AS r
 SET state = CASE WHEN r.attempts = 0 THEN 'queued' ELSE 'deferred' END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = $2, next_attempt_at = p.at

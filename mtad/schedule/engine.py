@@ -155,16 +155,17 @@ class Scheduler:
             holds = math.ceil(rate * horizon_s)
             if site.message_rate is not None and max_held is not None:
                 holds = min(holds, max_held)
-            room = max(0, holds - len(site.pending) - site.in_flight)
-            if len(claims) > room:
-                claims, beyond = claims[:room], claims[room:]
+        else:  # no horizon, or its speed is not known yet
+            holds = max_held if horizon_s is not None else None
+        room = len(claims) if holds is None else max(0, holds - len(site.pending) - site.in_flight)
+        if len(claims) > room:
+            claims, beyond = claims[:room], claims[room:]
+            if rate is None:
+                later = [(claim, now + horizon_s) for claim in beyond]  # planned again then, at the speed it showed
+            else:
                 turn = max(site.postponed_until, now + (len(site.pending) + site.in_flight + room) / rate)
                 later = [(claim, turn + k / rate) for k, claim in enumerate(beyond)]
                 site.postponed_until = turn + len(beyond) / rate
-        elif horizon_s is not None and max_held is not None:  # its speed is not known yet
-            room = max(0, max_held - len(site.pending) - site.in_flight)
-            claims, beyond = claims[:room], claims[room:]
-            later = [(claim, now + horizon_s) for claim in beyond]  # planned again then, at the speed it showed
         site.pending.extend(_Waiting(claim, route, now) for claim in claims)
         self.held += len(claims)
         return later
@@ -277,7 +278,7 @@ class Scheduler:
         self._in_flight.pop(dispatch.id, None)
         self.held -= len(dispatch.claims) if held is None else held
         if took_s is not None and feedback in (Feedback.DELIVERED, Feedback.RECIPIENT_ONLY):
-            site.note_transaction(max(0.0, took_s))
+            site.note_transaction(took_s)
         if feedback is Feedback.DELIVERED:
             site.window.on_success(now)
         elif feedback is Feedback.SESSION_FAILED:
